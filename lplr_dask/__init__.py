@@ -1,0 +1,36 @@
+"""lplr-dask: out-of-core low-rank, low-precision matrix compression on Dask over Zarr.
+
+The public API::
+
+    compress(source, output, *, rank=..., budget=..., method="lplr", ...) -> CompressionResult
+    open_compressed(path) -> CompressedMatrix     # readers: L, R, reconstruction, matvec
+    relative_error(source, path) -> float         # independent blockwise check
+    QuantizerSpec                                 # the quantizer of one factor
+"""
+
+__version__ = "0.1.0"
+
+from .api import METHODS, CompressionResult, compress  # noqa: E402
+from .errors import (  # noqa: E402
+    InputError,
+    LPLRError,
+    NonFiniteInputError,
+    OutputExistsError,
+    ParameterError,
+    StorageFormatError,
+)
+from .quantize import QuantizerSpec  # noqa: E402
+
+__all__ = [
+    "METHODS",
+    "CompressionResult",
+    "InputError",
+    "LPLRError",
+    "NonFiniteInputError",
+    "OutputExistsError",
+    "ParameterError",
+    "QuantizerSpec",
+    "StorageFormatError",
+    "__version__",
+    "compress",
+]

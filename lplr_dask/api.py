@@ -1,0 +1,523 @@
+"""The public entry point :func:`compress` and its result."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+
+from . import __version__
+from ._array import array_namespace, asarray_like
+from .engine import (
+    Stages,
+    StageCallback,
+    decode,
+    encode,
+    global_ranges,
+    gram,
+    left_multiply,
+    project_and_quantize,
+    quantize_left,
+    right_multiply,
+    sketch_matrix,
+    tile_sumsq,
+)
+from .errors import NonFiniteInputError, ParameterError
+from .inputs import InputMatrix, open_input
+from .linalg import gram_pinv, top_eigenvectors
+from .quantize import QuantizerSpec, block_range
+from .random import STREAM_DITHER_MATRIX, STREAM_LPLR_SVD_MIX, block_generator
+from .storage import (
+    check_output_path,
+    create_factor,
+    publish,
+    temporary_output,
+    write_metadata,
+)
+
+__all__ = ["METHODS", "CompressionConfig", "CompressionResult", "compress", "make_config"]
+
+METHODS = ("lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr")
+LOW_RANK_METHODS = ("lplr", "paper", "dsvd", "lplr-svd", "nq+lplr")
+DEFAULT_GROUP_SIZE = 128
+DEFAULT_SVD_POWER_ITER = 2
+
+
+@dataclass(frozen=True)
+class CompressionConfig:
+    """A fully resolved configuration: method, rank and the quantizer of every factor."""
+
+    method: str
+    rank: int | None
+    left: QuantizerSpec | None
+    right: QuantizerSpec | None
+    matrix: QuantizerSpec | None
+    n_oversamples: int
+    n_power_iter: int
+    seed: int
+
+    def nbytes(self, shape) -> int:
+        """Stored bytes of the codes and ranges of every factor for a matrix of ``shape``."""
+        n, d = shape
+        total = 0
+        if self.matrix is not None:
+            total += self.matrix.nbytes((n, d))
+        if self.rank:
+            total += self.left.nbytes((n, self.rank)) + self.right.nbytes((self.rank, d))
+        return total
+
+    def bits_per_entry(self, shape) -> float:
+        return 8.0 * self.nbytes(shape) / (shape[0] * shape[1])
+
+
+@dataclass(frozen=True)
+class CompressionResult:
+    """What :func:`compress` wrote and measured (also stored in the group's attributes)."""
+
+    output: str
+    shape: tuple[int, int]
+    source_dtype: str
+    method: str
+    rank: int | None
+    bits_left: int | None
+    bits_right: int | None
+    bits_matrix: int | None
+    group_size: int | None
+    rel_fro_error: float
+    bits_per_entry: float
+    stored_bytes: int
+    seconds: float
+    seed: int
+    n_oversamples: int
+    n_power_iter: int
+    stage_seconds: dict = field(default_factory=dict)
+    budget: float | None = None
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["shape"] = list(self.shape)
+        return d
+
+
+def _check_int(name, value, lo, hi=None, fix=""):
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise ParameterError(f"{name} must be an integer, got {value!r}.")
+    if value < lo or (hi is not None and value > hi):
+        bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+        raise ParameterError(f"{name}={value} is out of range: it must be {bound}. {fix}".strip())
+
+
+def _check_bits(name, bits):
+    if bits is None:
+        return
+    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not (
+        1 <= bits <= 8 or bits == 16
+    ):
+        raise ParameterError(
+            f"{name}={bits!r} is out of range: use 1 to 8 bits for integer codes, or 16 for a "
+            "float16 passthrough."
+        )
+
+
+def make_config(
+    *,
+    method: str,
+    shape,
+    rank: int | None,
+    bits_left: int | None = None,
+    bits_right: int | None = None,
+    bits_matrix: int | None = None,
+    group_size: int | None = DEFAULT_GROUP_SIZE,
+    n_oversamples: int = 0,
+    n_power_iter: int | None = None,
+    seed: int = 0,
+    rounding: str = "nearest",
+) -> CompressionConfig:
+    """Validate parameters and build the quantizers of ``method`` (see :func:`compress`)."""
+    if method not in METHODS:
+        raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
+    n, d = shape
+    for name, b in (("bits_left", bits_left), ("bits_right", bits_right),
+                    ("bits_matrix", bits_matrix)):
+        _check_bits(name, b)
+    _check_int("n_oversamples", n_oversamples, 0)
+    _check_int("seed", seed, 0, fix="Use a non-negative integer seed.")
+    if group_size is not None and group_size != 0 and (group_size < 8 or group_size % 8):
+        raise ParameterError(
+            f"group_size={group_size} is invalid: use a positive multiple of 8 (such as 128), "
+            "or 0 for one scale per row (nq: per matrix)."
+        )
+    if n_power_iter is None:
+        n_power_iter = DEFAULT_SVD_POWER_ITER if method in ("dsvd", "lplr-svd") else 0
+    _check_int("n_power_iter", n_power_iter, 0)
+    group = group_size or None
+
+    def grouped(bits, fallback):
+        if bits == 16:
+            return QuantizerSpec(bits=16)
+        if group:
+            return QuantizerSpec(bits=bits, granularity="group", group_size=group, rounding=rounding)
+        return QuantizerSpec(bits=bits, granularity=fallback, rounding=rounding)
+
+    matrix = left = right = None
+    if method in ("nq", "nq+lplr"):
+        matrix = grouped(bits_matrix if bits_matrix is not None else 4, "tensor")
+    if method == "nq":
+        if rank is not None:
+            raise ParameterError("method='nq' quantizes A directly and takes no rank; drop --rank.")
+        return CompressionConfig(method, None, None, None, matrix, 0, 0, seed)
+    if rank is None:
+        raise ParameterError(
+            f"method={method!r} needs a rank (--rank M) or a budget (--budget BITS_PER_ENTRY)."
+        )
+    limit = min(n, d) - 1
+    _check_int("rank", rank, 1, limit,
+               fix=f"For a {n}×{d} matrix the rank must be below min(n, d) = {min(n, d)}.")
+    if rank + n_oversamples > min(n, d):
+        raise ParameterError(
+            f"rank + n_oversamples = {rank + n_oversamples} exceeds min(n, d) = {min(n, d)}; "
+            "lower n_oversamples."
+        )
+    bl = 8 if bits_left is None else bits_left
+    br = 8 if bits_right is None else bits_right
+    if method == "paper":
+        if rounding != "nearest" or n_oversamples or n_power_iter:
+            raise ParameterError(
+                "method='paper' reproduces the reference code exactly: nearest rounding, no "
+                "oversampling, no power iterations. Use method='lplr' for those options."
+            )
+        left = QuantizerSpec(bits=16) if bl == 16 else QuantizerSpec.paper(bl)
+        right = QuantizerSpec(bits=16) if br == 16 else QuantizerSpec.paper(br)
+    else:
+        left = QuantizerSpec(bits=16) if bl == 16 else QuantizerSpec(
+            bits=bl, granularity="column", rounding=rounding)
+        right = grouped(br, "row")
+    return CompressionConfig(method, rank, left, right, matrix, n_oversamples, n_power_iter, seed)
+
+
+# ----------------------------------------------------------------------------- method bodies
+
+
+def _check_finite(sumsq: np.ndarray, a: da.Array, source: str) -> None:
+    bad = np.argwhere(~np.isfinite(sumsq))
+    if bad.size:
+        i, j = (int(v) for v in bad[0])
+        r0, c0 = int(sum(a.chunks[0][:i])), int(sum(a.chunks[1][:j]))
+        r1, c1 = r0 + a.chunks[0][i], c0 + a.chunks[1][j]
+        raise NonFiniteInputError(
+            f"INPUT {source} contains NaN or Inf, first in the tile rows {r0}:{r1}, columns "
+            f"{c0}:{c1} ({len(bad)} of {sumsq.size} tiles affected). Clean or mask those "
+            "values before compressing; nothing was written."
+        )
+
+
+def _orthonormalize(y: da.Array) -> da.Array:
+    rows = max(y.shape[1], max(y.chunks[0]))
+    if min(y.chunks[0][:-1] or (rows,)) < y.shape[1] or y.chunks[0][-1] < y.shape[1]:
+        y = y.rechunk({0: rows})
+    q, _ = da.linalg.tsqr(y.rechunk({1: -1}))
+    return q
+
+
+def _matmul_small(block, t):
+    return block @ asarray_like(t, block)
+
+
+def _times(x: da.Array, t: np.ndarray) -> da.Array:
+    """x @ t for a row-blocked x and a small dense t (k × r), block by block."""
+    return x.map_blocks(_matmul_small, t, chunks=(x.chunks[0], (t.shape[1],)), dtype=x.dtype)
+
+
+def _nq_block(a, *, spec, lo, hi, seed, writer=None, block_info=None):
+    loc = block_info[0]
+    i, j = loc["chunk-location"]
+    rng = block_generator(seed, STREAM_DITHER_MATRIX, i, j) if spec.rounding == "stochastic" else None
+    if spec.is_float or lo is None:
+        lo_b, hi_b = (None, None) if spec.is_float else block_range(a, spec=spec)
+        local = not spec.is_float
+    else:
+        lo_b, hi_b, local = asarray_like(lo, a), asarray_like(hi, a), False
+    codes = encode(a, spec, lo_b, hi_b, rng)
+    ahat = decode(codes, spec, lo_b, hi_b, dtype=a.dtype)
+    if writer is not None:
+        r0, c0 = loc["array-location"][0][0], loc["array-location"][1][0]
+        writer.write(r0, c0, codes, *((lo_b, hi_b) if local else (None, None)))
+    return a, ahat
+
+
+def _nq_write_stats(a, *, spec, lo, hi, seed, writer, block_info=None):
+    a, ahat = _nq_block(a, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, block_info=block_info)
+    xp = array_namespace(a)
+    a64 = a.astype(np.float64)
+    stats = xp.stack([xp.sum(a64 * a64), xp.sum(xp.square(a64 - ahat.astype(np.float64)))])
+    return np.asarray(stats.get() if hasattr(stats, "get") else stats).reshape(1, 2)
+
+
+def _nq_residual(a, *, spec, lo, hi, seed, block_info=None):
+    a, ahat = _nq_block(a, spec=spec, lo=lo, hi=hi, seed=seed, block_info=block_info)
+    return a - ahat
+
+
+def _quantize_matrix(a, spec, root, stages, seed):
+    """nq: quantize A directly, one pass (two for per-matrix ranges). Returns (‖A‖², err²) and
+    the lazy residual A − Q(A)."""
+    lo = hi = None
+    writer = create_factor(root, "Q", a.shape, spec, a.chunksize)
+    if not spec.is_float and spec.granularity == "tensor":
+        lo, hi = global_ranges(a, spec, stages, "matrix-ranges")
+        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+            return None, None, None
+        writer.write_ranges(lo, hi)
+    kw = dict(spec=spec, lo=lo, hi=hi, seed=seed)
+    stats = a.map_blocks(_nq_write_stats, writer=writer, chunks=((1,) * a.numblocks[0],
+                         (2,) * a.numblocks[1]), dtype=np.float64, **kw)
+    residual = a.map_blocks(_nq_residual, dtype=a.dtype, **kw)
+    return stats, residual, writer
+
+
+def _run_low_rank(a: da.Array, cfg: CompressionConfig, root: Path, stages: Stages,
+                  extra_sketch=()):
+    """Every low-rank method: sketch, basis, quantized L, projection and quantized R.
+
+    Returns (‖a‖², ⟨R̂, P⟩, ⟨R̂, G R̂⟩, per-tile Σa², results of ``extra_sketch``)."""
+    n, d = a.shape
+    k = cfg.rank + cfg.n_oversamples
+    svd = cfg.method in ("dsvd", "lplr-svd")
+    if svd:
+        k = cfg.rank + max(cfg.n_oversamples, 10)
+        k = min(k, min(n, d))
+    s = sketch_matrix(d, k, seed=cfg.seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
+    y, sumsq, *extra = stages.persist("sketch", right_multiply(a, s), tile_sumsq(a), *extra_sketch)
+    sumsq = np.asarray(sumsq.compute())
+    for _ in range(cfg.n_power_iter):
+        q = _orthonormalize(y)
+        (z,) = stages.persist("power-iteration", _orthonormalize(left_multiply(a, q).T))
+        (y,) = stages.persist("power-iteration", right_multiply(a, z))
+    coef, mode, given = None, "lstsq", None
+    if cfg.method == "paper":
+        basis = y  # Algorithm 1: L = Q(A·S), no orthonormalization
+    else:
+        (q,) = stages.persist("orthonormalize", _orthonormalize(y))
+        basis = q
+        if svd or cfg.n_oversamples:
+            # One pass: B = QᵀA (k × d, kept on the workers), its Gram B·Bᵀ, top eigenvectors.
+            b = left_multiply(a, q)
+            (b,) = stages.persist("truncate", b)
+            (bbt,) = stages.compute("truncate", gram(b.T))
+            u, w = top_eigenvectors(np.asarray(bbt), cfg.rank)
+            if cfg.method == "dsvd":
+                coef, mode, given = u.T, "given", b  # R = Σ_k V_kᵀ = U_bᵀ B
+            elif cfg.method == "lplr-svd":
+                # Z = U_k Σ_k Ω with Ω a k × k Gaussian (entries N(0, 1/k)), as in the paper.
+                sig = np.sqrt(np.maximum(w, 0.0))
+                mix = block_generator(cfg.seed, STREAM_LPLR_SVD_MIX).standard_normal(
+                    (cfg.rank, cfg.rank)) / np.sqrt(cfg.rank)
+                u = u @ (sig[:, None] * mix)
+            basis = _times(q, u)
+    lwriter = create_factor(root, "L", (n, cfg.rank), cfg.left, (a.chunksize[0], cfg.rank))
+    lhat, g = quantize_left(basis, cfg.left, lwriter, seed=cfg.seed, dtype=a.dtype, stages=stages)
+    if mode == "lstsq":
+        coef = gram_pinv(g)
+    rwriter = create_factor(root, "R", (cfg.rank, d), cfg.right, (cfg.rank, a.chunksize[1]))
+    rp, rgr = project_and_quantize(a, lhat, g, cfg.right, rwriter, seed=cfg.seed, stages=stages,
+                                   coef=coef, mode=mode, given=given)
+    return float(sumsq.sum()), rp, rgr, sumsq, extra
+
+
+def compress(
+    source,
+    output,
+    *,
+    method: str = "lplr",
+    rank: int | None = None,
+    budget: float | None = None,
+    bits_left: int | None = None,
+    bits_right: int | None = None,
+    bits_matrix: int | None = None,
+    group_size: int | None = DEFAULT_GROUP_SIZE,
+    n_oversamples: int = 0,
+    n_power_iter: int | None = None,
+    seed: int = 0,
+    rounding: str = "nearest",
+    block_shape: tuple[int, int] | None = None,
+    max_rank: int = 512,
+    overwrite: bool = False,
+    on_stage: StageCallback | None = None,
+) -> CompressionResult:
+    """Compress a matrix into low-rank, low-precision factors A ≈ L·R stored in Zarr.
+
+    LPLR (Saha, Srivastava & Pilanci, 2023), out of core: the sketch Y = A·S is a blocked
+    reduction over A's tiles with S regenerated per tile from ``seed``; Y is orthonormalized by
+    tall-skinny QR and quantized (per-column scales); the projection R = (LᵀL)⁺LᵀA is computed
+    per column panel, re-quantized (group-wise scales along d) and written where it is
+    computed. Neither A nor R is ever gathered. The paper's symbols: m = ``rank``,
+    B = ``bits_left``, B′ = ``bits_right``.
+
+    Parameters
+    ----------
+    source : str, path, zarr.Array, numpy.ndarray or dask.array.Array
+        The n × d float16/32/64 matrix: a Zarr v3 array (or a group holding one), or ``.npy``.
+    output : str or path
+        Where the compressed Zarr group goes; written under a temporary name and renamed into
+        place when complete.
+    method : {"lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr"}, default "lplr"
+        ``lplr``: as above. ``paper``: Algorithm 1 with the reference quantizer (no QR,
+        per-matrix min–max). ``nq``: A quantized directly. ``dsvd``: L = Q(U_k),
+        R = Q′(Σ_k V_kᵀ) from a randomized SVD (``n_power_iter`` power iterations, 10 extra
+        columns). ``lplr-svd``: the SVD-based LPLR of the paper (Z = U_k Σ_k Ω, Ω a k × k
+        Gaussian). ``nq+lplr``: group-wise Q(A) plus LPLR of the residual A − Q(A).
+    rank : int, optional
+        m, the inner dimension of L·R, 1 ≤ m < min(n, d). Required unless ``budget`` is given
+        (or for ``nq``).
+    budget : float, optional
+        Bits per entry of A: choose rank and bit widths so that ``bits_per_entry <= budget``
+        with the lowest error (see :func:`lplr_dask.budget.choose_config`).
+    bits_left, bits_right : int, optional
+        B and B′: bits per entry of L and R, 1–8, or 16 for float16. Default 8 (the paper's).
+    bits_matrix : int, optional
+        Bits per entry of Q(A) for ``nq`` and ``nq+lplr``. Default 4.
+    group_size : int, default 128
+        Entries per scale along the rows of R (and of A for ``nq``); a multiple of 8, or 0 for
+        one scale per row of R (``nq``: one scale for the matrix).
+    n_oversamples : int, default 0
+        Extra sketch columns; the rank-m basis is then the top-m subspace of the larger sketch
+        (one more pass over A). Increase this before ``n_power_iter``.
+    n_power_iter : int, optional
+        Power iterations (two passes over A each). Default 0 (2 for ``dsvd``/``lplr-svd``).
+    seed : int, default 0
+        Seeds every random stream; the same seed and ``block_shape`` give byte-identical codes
+        for any storage tiling, worker count or backend.
+    rounding : {"nearest", "stochastic"}, default "nearest"
+    block_shape : (int, int), optional
+        The canonical block grid of the computation (default 4096 × 4096).
+    max_rank : int, default 512
+        Largest rank the budget search considers.
+    overwrite : bool, default False
+        Replace an existing ``output`` (only once the new result is complete).
+    on_stage : callable, optional
+        ``on_stage(stage, futures)`` for progress display on a distributed cluster.
+
+    Returns
+    -------
+    CompressionResult
+        The measured ``rel_fro_error`` (exact, from LᵀA and LᵀL, no extra pass),
+        ``bits_per_entry`` = 8 · stored bytes / (n·d), timings and the configuration.
+
+    Notes
+    -----
+    Passes over A: 2 for ``lplr`` (+2 per power iteration, +1 with oversampling), +1 pass over
+    a column sample and one sketch for ``budget``. Memory beyond one tile per worker thread:
+    the n × (m + p) sketch and basis and the m × d_panel projection partials, on the workers.
+    The driver holds only m × m matrices.
+
+    References
+    ----------
+    R. Saha, V. Srivastava, M. Pilanci. Matrix Compression via Randomized Low Rank and Low
+    Precision Factorization. NeurIPS 2023. arXiv:2310.11028.
+    """
+    t_start = time.perf_counter()
+    if method not in METHODS:
+        raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
+    matrix = open_input(source, block_shape=block_shape, group_size=group_size or None)
+    out = check_output_path(output, overwrite=overwrite,
+                            inputs=[matrix.path] if matrix.path else ())
+    stages = Stages(on_stage)
+    common = dict(group_size=group_size, seed=seed, rounding=rounding)
+    if budget is not None:
+        if rank is not None:
+            raise ParameterError("Give either rank or budget, not both.")
+        from .budget import choose_config
+
+        cfg = choose_config(matrix, budget=budget, method=method, bits_left=bits_left,
+                            bits_right=bits_right, bits_matrix=bits_matrix,
+                            n_oversamples=n_oversamples, n_power_iter=n_power_iter,
+                            max_rank=max_rank, stages=stages, **common)
+    else:
+        cfg = make_config(method=method, shape=matrix.shape, rank=rank, bits_left=bits_left,
+                          bits_right=bits_right, bits_matrix=bits_matrix,
+                          n_oversamples=n_oversamples, n_power_iter=n_power_iter, **common)
+    with temporary_output(out) as tmp:
+        zarr.open_group(str(tmp), mode="w")
+        rel = _execute(matrix, cfg, tmp, stages)
+        result = _result(out, matrix, cfg, rel, stages, time.perf_counter() - t_start, budget,
+                         group_size)
+        write_metadata(tmp, _metadata(result, cfg, matrix))
+        publish(tmp, out)
+    return result
+
+
+def _execute(matrix: InputMatrix, cfg: CompressionConfig, root: Path, stages: Stages) -> float:
+    a = matrix.data
+    src = matrix.path or "array"
+    if cfg.method == "nq":
+        stats, _, _ = _quantize_matrix(a, cfg.matrix, root, stages, cfg.seed)
+        if stats is None:
+            (sumsq,) = stages.compute("check", tile_sumsq(a))
+            _check_finite(np.asarray(sumsq), a, src)
+        (s,) = stages.compute("quantize-matrix", stats)
+        s = np.asarray(s).reshape(a.numblocks[0], a.numblocks[1], 2)
+        _check_finite(s[..., 0], a, src)
+        return float(np.sqrt(s[..., 1].sum() / s[..., 0].sum())) if s[..., 0].sum() > 0 else 0.0
+    if cfg.method == "nq+lplr":
+        stats, residual, _ = _quantize_matrix(a, cfg.matrix, root, stages, cfg.seed)
+        if stats is None:
+            (sumsq,) = stages.compute("check", tile_sumsq(a))
+            _check_finite(np.asarray(sumsq), a, src)
+        # The residual pass re-quantizes each tile (cheap next to the GEMM); Q(A)'s codes are
+        # written during the sketch pass, which reads each tile once for both.
+        res2, rp, rgr, sumsq_res, (s,) = _run_low_rank(residual, cfg, root, stages,
+                                                       extra_sketch=(stats,))
+        s = np.asarray(s.compute()).reshape(a.numblocks[0], a.numblocks[1], 2)
+        _check_finite(s[..., 0], a, src)
+        norm2 = float(s[..., 0].sum())
+        err2 = max(res2 - 2 * rp + rgr, 0.0)
+        return float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
+    norm2, rp, rgr, sumsq, _ = _run_low_rank(a, cfg, root, stages)
+    _check_finite(sumsq, a, src)
+    err2 = max(norm2 - 2 * rp + rgr, 0.0)
+    return float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
+
+
+def _result(out, matrix, cfg, rel, stages, seconds, budget, group_size) -> CompressionResult:
+    shape = matrix.shape
+    return CompressionResult(
+        output=str(out),
+        shape=tuple(int(v) for v in shape),
+        source_dtype=matrix.source_dtype,
+        method=cfg.method,
+        rank=cfg.rank,
+        bits_left=cfg.left.bits if cfg.left else None,
+        bits_right=cfg.right.bits if cfg.right else None,
+        bits_matrix=cfg.matrix.bits if cfg.matrix else None,
+        group_size=group_size or None,
+        rel_fro_error=rel,
+        bits_per_entry=cfg.bits_per_entry(shape),
+        stored_bytes=cfg.nbytes(shape),
+        seconds=seconds,
+        seed=cfg.seed,
+        n_oversamples=cfg.n_oversamples,
+        n_power_iter=cfg.n_power_iter,
+        stage_seconds={k: round(v, 4) for k, v in stages.seconds.items()},
+        budget=budget,
+    )
+
+
+def _metadata(result: CompressionResult, cfg: CompressionConfig, matrix: InputMatrix) -> dict:
+    meta = result.to_dict()
+    meta.pop("output")
+    meta.update(
+        lplr_dask_version=__version__,
+        block_shape=list(matrix.block_shape),
+        factors={
+            name: spec.to_dict()
+            for name, spec in (("L", cfg.left), ("R", cfg.right), ("Q", cfg.matrix))
+            if spec is not None
+        },
+        source=matrix.path,
+        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    )
+    return meta

@@ -1,0 +1,284 @@
+"""Dask graph builders for LPLR and its baselines, and the stage-by-stage driver.
+
+The computation is defined on a fixed grid of canonical blocks of A (see
+:func:`lplr_dask.inputs.canonical_block_shape`); every reduction has a fixed tree over that grid
+and every random number comes from a stream keyed by the seed and block coordinates, so the
+codes do not depend on the storage tiling, the number of workers or the backend.
+
+Passes over A for ``method="lplr"`` with the defaults: two (the sketch, the projection).
+``n_power_iter`` adds two per iteration, ``n_oversamples > 0`` one (the truncation).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from ._array import array_namespace, asarray_like, to_numpy
+from .errors import NonFiniteInputError, ParameterError
+from .linalg import gram_pinv, top_eigenvectors
+from .packing import encode_float, decode_float
+from .quantize import QuantizerSpec, block_range, dequantize, merge_ranges, quantize
+from .random import (
+    STREAM_DITHER_LEFT,
+    STREAM_DITHER_MATRIX,
+    STREAM_DITHER_RIGHT,
+    STREAM_LPLR_SVD_MIX,
+    block_generator,
+    sketch_rows,
+)
+
+__all__ = ["StageCallback", "run_stage"]
+
+StageCallback = Callable[[str, list], None]
+"""Called as ``on_stage(stage_name, futures)`` when a stage has been submitted to a
+distributed cluster; may block to display progress. The driver waits for the futures after."""
+
+
+# ----------------------------------------------------------------------------- execution
+
+
+def _client():
+    try:
+        from distributed import default_client
+
+        return default_client()
+    except (ImportError, ValueError):
+        return None
+
+
+@dataclass
+class Stages:
+    """Runs stages on the active scheduler and records their wall-clock seconds."""
+
+    on_stage: StageCallback | None = None
+    seconds: dict = field(default_factory=dict)
+
+    def persist(self, name: str, *collections):
+        t0 = time.perf_counter()
+        client = _client()
+        if client is None:
+            out = dask.persist(*collections)
+        else:
+            from distributed import futures_of, wait
+
+            out = client.persist(list(collections))
+            futures = futures_of(out)
+            if self.on_stage is not None:
+                self.on_stage(name, futures)
+            wait(futures)
+            for f in futures:
+                if f.status == "error":
+                    f.result()  # re-raise the task's exception here
+        self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - t0
+        return tuple(out)
+
+    def compute(self, name: str, *collections):
+        persisted = self.persist(name, *collections)
+        t0 = time.perf_counter()
+        out = dask.compute(*persisted)
+        self.seconds[name] += time.perf_counter() - t0
+        return out
+
+
+def run_stage(name, *collections, on_stage=None):
+    """Compute ``collections`` as one named stage (public for the flows)."""
+    return Stages(on_stage).compute(name, *collections)
+
+
+# ----------------------------------------------------------------------------- block kernels
+
+
+def _meta_like(x):
+    return x._meta if isinstance(x, da.Array) else np.empty((0, 0))
+
+
+def _sketch_block(seed, start, stop, k, dtype, like):
+    return asarray_like(sketch_rows(seed, start, stop, k, dtype=dtype), like)
+
+
+def sketch_matrix(d: int, k: int, *, seed: int, row_chunks, dtype, meta=None) -> da.Array:
+    """The d × k Gaussian sketch S as a Dask array; each block is regenerated from the seed."""
+    like = meta if meta is not None else np.empty((0, 0), dtype=dtype)
+    name = "lplr-sketch-" + tokenize(seed, d, k, row_chunks, np.dtype(dtype).str, type(like))
+    bounds = np.cumsum((0, *row_chunks))
+    dsk = {
+        (name, j, 0): (_sketch_block, seed, int(bounds[j]), int(bounds[j + 1]), k, dtype, like)
+        for j in range(len(row_chunks))
+    }
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    return da.Array(graph, name, chunks=(tuple(row_chunks), (k,)), dtype=dtype,
+                    meta=asarray_like(np.empty((0, 0), dtype=dtype), like))
+
+
+def _mm_partial(a, b):
+    # GEMM in the input precision (float32 speed), partial sums kept in float64.
+    xp = array_namespace(a)
+    return xp.matmul(a, b.astype(a.dtype, copy=False)).astype(np.float64)[:, None, :]
+
+
+def _tmm_partial(l_block, a):
+    xp = array_namespace(a)
+    return xp.matmul(l_block.astype(a.dtype, copy=False).T, a).astype(np.float64)[:, None, :]
+
+
+def right_multiply(a: da.Array, b: da.Array) -> da.Array:
+    """``a @ b`` for a (n × d, blocks I × J) and b (d × k, blocks J × 1), float64 out.
+
+    One pass over ``a``; the sum over column blocks is a fixed tree (``split_every=8``).
+    """
+    part = da.blockwise(_mm_partial, "ijk", a, "ij", b, "jk", dtype=np.float64,
+                        adjust_chunks={"j": 1}, concatenate=False)
+    return part.sum(axis=1, split_every=8)
+
+
+def left_multiply(a: da.Array, left: da.Array) -> da.Array:
+    """``leftᵀ @ a`` for left (n × k, blocks I × 1): k × d, float64, one pass over ``a``."""
+    part = da.blockwise(_tmm_partial, "kij", left, "ik", a, "ij", dtype=np.float64,
+                        adjust_chunks={"i": 1}, concatenate=False)
+    return part.sum(axis=1, split_every=8)
+
+
+def _sumsq(block):
+    xp = array_namespace(block)
+    return xp.sum(xp.square(block.astype(np.float64))).reshape(1, 1)
+
+
+def tile_sumsq(a: da.Array) -> da.Array:
+    """Per-block Σ a² (float64), an I × J array; NaN/Inf in a block make its entry non-finite."""
+    return a.map_blocks(_sumsq, chunks=((1,) * a.numblocks[0], (1,) * a.numblocks[1]),
+                        dtype=np.float64)
+
+
+def gram(x: da.Array) -> da.Array:
+    """xᵀx (k × k, float64) for a row-blocked x."""
+    return left_multiply(x, x)
+
+
+def _range_of(block, spec):
+    lo, hi = block_range(block, spec=spec)
+    return to_numpy(lo), to_numpy(hi)
+
+
+def global_ranges(x: da.Array, spec: QuantizerSpec, stages: Stages, name: str):
+    """Ranges of groups that span blocks (``tensor``, ``column`` over row blocks, ``row`` over
+    column blocks): per-block partial ranges, merged on the driver. Output is float32."""
+    parts = stages.compute(name, *[dask.delayed(_range_of)(b, spec) for b in x.to_delayed().ravel()])
+    lo, hi = parts[0]
+    for p in parts[1:]:
+        lo, hi = merge_ranges((lo, hi), p)
+    return lo, hi
+
+
+def encode(x, spec: QuantizerSpec, lo=None, hi=None, rng=None):
+    """Codes of a block: integer codes, or 16-bit float patterns for ``bits == 16``."""
+    if spec.is_float:
+        return encode_float(x, spec.float_format)
+    return quantize(x, lo, hi, spec=spec, rng=rng)
+
+
+def decode(codes, spec: QuantizerSpec, lo=None, hi=None, dtype=np.float32):
+    if spec.is_float:
+        return decode_float(codes, spec.float_format, dtype)
+    return dequantize(codes, lo, hi, spec=spec, dtype=dtype)
+
+
+def _local_ranges(x, spec, lo, hi):
+    """Ranges for this block: given (global), or computed here (group-local)."""
+    if spec.is_float:
+        return None, None, False
+    if lo is None:
+        lo, hi = block_range(x, spec=spec)
+        return lo, hi, True
+    return asarray_like(lo, x), asarray_like(hi, x), False
+
+
+# ----------------------------------------------------------------------------- left factor
+
+
+def _quantize_rows_block(x, *, spec, lo, hi, seed, writer, out_dtype, block_info=None):
+    row0 = block_info[0]["array-location"][0][0]
+    i = block_info[0]["chunk-location"][0]
+    rng = block_generator(seed, STREAM_DITHER_LEFT, i) if spec.rounding == "stochastic" else None
+    lo_b, hi_b, local = _local_ranges(x, spec, lo, hi)
+    codes = encode(x, spec, lo_b, hi_b, rng)
+    writer.write(row0, 0, codes, *((lo_b, hi_b) if local else (None, None)))
+    return decode(codes, spec, lo_b, hi_b, dtype=out_dtype)
+
+
+def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype, stages: Stages):
+    """Quantize the row-blocked n × m left factor, writing codes; returns (L̂ persisted, G).
+
+    Column/tensor ranges are reduced first (one small pass over x, not over A).
+    """
+    lo = hi = None
+    if not spec.is_float and spec.granularity in ("tensor", "column"):
+        lo, hi = global_ranges(x, spec, stages, "basis-ranges")
+        writer.write_ranges(lo, hi)
+    lhat = x.map_blocks(_quantize_rows_block, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, out_dtype=dtype,
+                        dtype=dtype, meta=asarray_like(np.empty((0, 0), dtype=dtype), x._meta))
+    (lhat,) = stages.persist("quantize-basis", lhat)
+    (g,) = stages.compute("quantize-basis", gram(lhat))
+    return lhat, to_numpy(g)
+
+
+# ----------------------------------------------------------------------------- right factor
+
+
+def _panel_values(p, extra, *, coef, mode):
+    xp = array_namespace(p)
+    c = asarray_like(coef, p)
+    return c @ (extra if mode == "given" else p)
+
+
+def _panel_finish(p, extra, *, coef, mode, spec, lo, hi, seed, writer, gram_, block_info=None):
+    """Compute R_j, quantize it, write it; return [⟨R̂_j, P_j⟩, ⟨R̂_j, G R̂_j⟩]."""
+    xp = array_namespace(p)
+    col0 = block_info[0]["array-location"][1][0]
+    j = block_info[0]["chunk-location"][1]
+    r = _panel_values(p, extra, coef=coef, mode=mode)
+    rng = block_generator(seed, STREAM_DITHER_RIGHT, j) if spec.rounding == "stochastic" else None
+    lo_b, hi_b, local = _local_ranges(r, spec, lo, hi)
+    codes = encode(r, spec, lo_b, hi_b, rng)
+    writer.write(0, col0, codes, *((lo_b, hi_b) if local else (None, None)))
+    rhat = decode(codes, spec, lo_b, hi_b, dtype=np.float64)
+    g = asarray_like(gram_, p)
+    stats = xp.stack([xp.sum(rhat * p), xp.sum(rhat * (g @ rhat))])
+    return to_numpy(stats).reshape(1, 2)
+
+
+def project_and_quantize(a: da.Array, lhat: da.Array, g: np.ndarray, spec: QuantizerSpec, writer,
+                         *, seed: int, stages: Stages, coef: np.ndarray, mode: str = "lstsq",
+                         given: da.Array | None = None):
+    """The projection pass: P_j = L̂ᵀA_j per column panel, R_j = coef @ P_j (``mode="lstsq"``,
+    coef = G⁺) or R_j = coef @ given_j (``mode="given"``), re-quantized and written where it is
+    computed. Returns (⟨R̂, P⟩, ⟨R̂, G R̂⟩) in float64 for the exact error.
+
+    Group-wise ranges are local to a panel: one pass over A, R never leaves its panel. Ranges
+    that span panels (``tensor``, ``row``) need R's float values first: they are kept on the
+    workers (m × d, small next to A), reduced to ranges, then quantized (still one pass over A).
+    """
+    p = left_multiply(a, lhat)
+    extra = given if given is not None else p
+    kw = dict(coef=coef, mode=mode)
+    lo = hi = None
+    if not spec.is_float and spec.granularity in ("tensor", "row"):
+        r_float = da.map_blocks(_panel_values, p, extra, dtype=np.float64, **kw)
+        p, r_float = stages.persist("project", p, r_float)
+        extra = given if given is not None else p
+        lo, hi = global_ranges(r_float, spec, stages, "right-ranges")
+        writer.write_ranges(lo, hi)
+    stats = da.map_blocks(
+        _panel_finish, p, extra, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, gram_=g,
+        chunks=((1,), (2,) * p.numblocks[1]), dtype=np.float64, **kw,
+    )
+    (s,) = stages.compute("project" if lo is None else "requantize", stats)
+    s = s.reshape(-1, 2).sum(axis=0)
+    return float(s[0]), float(s[1])

@@ -1,0 +1,225 @@
+"""Unit tests of the seeded streams in :mod:`lplr_dask.random` and of :mod:`lplr_dask.linalg`."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lplr_dask.linalg import gram_pinv
+from lplr_dask.random import (
+    SEED_BLOCK,
+    STREAM_DITHER_LEFT,
+    STREAM_DITHER_RIGHT,
+    STREAM_SKETCH,
+    block_generator,
+    sketch_rows,
+)
+
+# --------------------------------------------------------------------------------------------
+# sketch_rows
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64], ids=["f32", "f64"])
+def test_sketch_shape_and_dtype(dtype):
+    s = sketch_rows(3, 100, 2500, 12, dtype=dtype)
+    assert s.shape == (2400, 12)
+    assert s.dtype == dtype
+    assert s.flags.c_contiguous
+    assert np.all(np.isfinite(s))
+
+
+def test_sketch_default_dtype_and_float64_values():
+    s32 = sketch_rows(3, 10, 50, 6)
+    assert s32.dtype == np.float32
+    # The float64 variant holds the same (float32-generated) numbers.
+    np.testing.assert_array_equal(sketch_rows(3, 10, 50, 6, dtype=np.float64), s32)
+
+
+@pytest.mark.parametrize(
+    ("start", "stop"),
+    [(0, 10), (1000, 3100), (1023, 1025), (2047, 4097), (1024, 2048), (4999, 5000), (0, 5000)],
+    ids=["head", "unaligned", "straddle-1024", "straddle-3-blocks", "aligned", "one-row", "all"],
+)
+def test_sketch_deterministic(start, stop):
+    a = sketch_rows(17, start, stop, 8)
+    b = sketch_rows(17, start, stop, 8)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    ("start", "stop"),
+    [
+        (1000, 3100),
+        (0, 1024),
+        (1024, 2048),
+        (1023, 1025),
+        (1, 2),
+        (2047, 4097),
+        (3000, 3001),
+        (4096, 5000),
+        (17, 4999),
+    ],
+    ids=[
+        "unaligned",
+        "first-block",
+        "second-block",
+        "straddle-1024",
+        "one-row-head",
+        "straddle-3-blocks",
+        "one-row",
+        "aligned-start",
+        "wide",
+    ],
+)
+@pytest.mark.parametrize("m", [1, 8], ids=["m1", "m8"])
+def test_sketch_ranges_agree(start, stop, m):
+    # Any row range is cut from the same seed blocks, whatever range asks for it.
+    assert SEED_BLOCK == 1024  # the ids above assume it
+    whole = sketch_rows(5, 0, 5000, m)
+    np.testing.assert_array_equal(sketch_rows(5, start, stop, m), whole[start:stop])
+
+
+def test_sketch_tiles_concatenate_to_whole():
+    whole = sketch_rows(6, 0, 3000, 4)
+    bounds = [0, 1, 700, 1024, 1500, 2049, 3000]
+    tiles = [sketch_rows(6, a, b, 4) for a, b in zip(bounds[:-1], bounds[1:])]
+    np.testing.assert_array_equal(np.concatenate(tiles, axis=0), whole)
+
+
+@pytest.mark.parametrize("start", [0, 5, 1024, 2048], ids=["a0", "a5", "a1024", "a2048"])
+def test_sketch_empty_range(start):
+    # An empty row range has shape (0, m), wherever it starts.
+    s = sketch_rows(1, start, start, 4)
+    assert s.shape == (0, 4)
+    assert s.dtype == np.float32
+
+
+@pytest.mark.parametrize("k", [1, 2, 5, 15], ids=lambda k: f"k{k}")
+def test_sketch_prefix_property(k):
+    m = 16
+    a, b = 1000, 3100
+    small = sketch_rows(9, a, b, k).astype(np.float64) * np.sqrt(k)
+    big = sketch_rows(9, a, b, m)[:, :k].astype(np.float64) * np.sqrt(m)
+    # Both are the same float32 standard normals, each scaled by a float32 1/sqrt(.) and back:
+    # two float32 roundings, relative error <= ~2.4e-7, so rtol 1e-6.
+    np.testing.assert_allclose(small, big, rtol=1e-6)
+
+
+def test_sketch_different_seeds_differ():
+    a = sketch_rows(0, 0, 2000, 8)
+    b = sketch_rows(1, 0, 2000, 8)
+    assert not np.any(a == b)  # continuous values: no coincidences expected among 16000
+
+
+def test_sketch_columns_differ():
+    s = sketch_rows(0, 0, 2000, 8)
+    assert not np.any(s[:, :1] == s[:, 1:])
+
+
+def test_sketch_variance_is_one_over_m():
+    m = 8
+    s = sketch_rows(123, 0, 40_000, m).astype(np.float64)
+    n = s.size  # 320,000 draws
+    # Entries are i.i.d. N(0, 1/m). The sample variance of n normal draws has relative standard
+    # error sqrt(2/n) (~0.25% here); allow five standard errors.
+    rel_se = np.sqrt(2.0 / n)
+    assert abs(s.var() * m - 1.0) <= 5 * rel_se
+    # The mean has standard error sqrt(1/(m n)); allow five.
+    assert abs(s.mean()) <= 5 * np.sqrt(1.0 / (m * n))
+    # Each column on its own has variance 1/m too (n/m draws each).
+    col_rel_se = np.sqrt(2.0 / s.shape[0])
+    assert np.all(np.abs(s.var(axis=0) * m - 1.0) <= 5 * col_rel_se)
+
+
+def test_sketch_does_not_touch_global_state():
+    np.random.seed(123)  # noqa: NPY002 - the point is to check the legacy global state
+    before = np.random.get_state()  # noqa: NPY002
+    sketch_rows(7, 100, 3000, 5)
+    block_generator(7, STREAM_SKETCH, 0).standard_normal(10)
+    after = np.random.get_state()  # noqa: NPY002
+    assert before[0] == after[0]
+    np.testing.assert_array_equal(before[1], after[1])
+    assert before[2:] == after[2:]
+
+
+# --------------------------------------------------------------------------------------------
+# block_generator
+# --------------------------------------------------------------------------------------------
+
+
+def test_block_generator_same_key_same_numbers():
+    a = block_generator(42, STREAM_DITHER_LEFT, 3, 4).random(100)
+    b = block_generator(42, STREAM_DITHER_LEFT, 3, 4).random(100)
+    np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(
+    "other",
+    [
+        (43, STREAM_DITHER_LEFT, 3, 4),
+        (42, STREAM_DITHER_RIGHT, 3, 4),
+        (42, STREAM_DITHER_LEFT, 4, 3),
+        (42, STREAM_DITHER_LEFT, 3, 5),
+        (42, STREAM_DITHER_LEFT, 3),
+        (42, STREAM_DITHER_LEFT, 3, 4, 0),
+    ],
+    ids=["seed", "stream", "swapped-key", "key", "shorter-key", "longer-key"],
+)
+def test_block_generator_different_keys_differ(other):
+    a = block_generator(42, STREAM_DITHER_LEFT, 3, 4).random(100)
+    b = block_generator(*other).random(100)
+    assert not np.any(a == b)
+
+
+def test_block_generator_returns_generator():
+    assert isinstance(block_generator(0, STREAM_SKETCH), np.random.Generator)
+
+
+# --------------------------------------------------------------------------------------------
+# linalg.gram_pinv
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gram_pinv_full_rank_matches_lstsq(seed):
+    rng = np.random.default_rng(seed)
+    L = rng.standard_normal((200, 10))
+    A = rng.standard_normal((200, 7))
+    R = gram_pinv(L.T @ L) @ (L.T @ A)
+    expected = np.linalg.lstsq(L, A, rcond=None)[0]
+    # Normal equations lose accuracy like cond(L)^2 * eps; a Gaussian 200x10 L has cond ~ 1.6,
+    # so the error is ~1e-15 and 1e-8 is a wide margin.
+    np.testing.assert_allclose(R, expected, rtol=0, atol=1e-8)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_gram_pinv_duplicate_columns_min_norm(seed):
+    rng = np.random.default_rng(seed)
+    L = rng.standard_normal((200, 10))
+    L[:, 7] = L[:, 2]  # two identical columns: rank 9
+    A = rng.standard_normal((200, 7))
+    R = gram_pinv(L.T @ L) @ (L.T @ A)
+    assert not np.isnan(R).any()
+    expected = np.linalg.pinv(L) @ A
+    # The minimum-norm solution splits the weight of the duplicated column evenly; the other
+    # singular values are well conditioned (see above), so 1e-8 is a wide margin.
+    np.testing.assert_allclose(R, expected, rtol=0, atol=1e-8)
+    np.testing.assert_allclose(R[2], R[7], rtol=0, atol=1e-8)
+
+
+def test_gram_pinv_symmetric_result_and_dtype():
+    rng = np.random.default_rng(4)
+    L = rng.standard_normal((50, 6)).astype(np.float32)
+    P = gram_pinv(L.T @ L)
+    assert P.dtype == np.float64
+    np.testing.assert_allclose(P, P.T, rtol=0, atol=1e-12)
+    G = (L.T @ L).astype(np.float64)
+    # float32 Gram (relative rounding ~6e-8, condition ~ a few) -> P G = I to ~1e-6.
+    np.testing.assert_allclose(P @ G, np.eye(6), rtol=0, atol=1e-5)
+
+
+def test_gram_pinv_zero_matrix():
+    P = gram_pinv(np.zeros((4, 4)))
+    assert not np.isnan(P).any()
+    np.testing.assert_array_equal(P, 0.0)
