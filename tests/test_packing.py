@@ -154,10 +154,15 @@ def test_bits_out_of_range(bits):
         unpack_codes(np.zeros((2, 3), dtype=np.uint8), bits, 3)
 
 
-def test_unpack_wrong_width_raises():
-    packed = pack_codes(np.zeros((2, 9), dtype=np.uint8), 3)  # 27 bits -> 4 bytes
+@pytest.mark.parametrize("bits", [3, 8], ids=["b3", "b8"])
+@pytest.mark.parametrize("n_cols", [20, 2], ids=["too-many", "too-few"])
+def test_unpack_wrong_width_raises(bits, n_cols):
+    # 9 codes pack into packed_width(9, bits) bytes per row (4 for 3 bits, 9 for 8 bits); asking
+    # for a different number of codes must be refused for every width, 8 bits included.
+    packed = pack_codes(np.zeros((2, 9), dtype=np.uint8), bits)
+    assert packed.shape[1] == packed_width(9, bits) != packed_width(n_cols, bits)
     with pytest.raises(ParameterError):
-        unpack_codes(packed, 3, 20)  # 60 bits -> 8 bytes
+        unpack_codes(packed, bits, n_cols)
 
 
 @st.composite

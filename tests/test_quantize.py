@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import warnings
 from functools import reduce
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -50,7 +51,7 @@ F32_EPS = float(np.finfo(np.float32).eps)
 
 def group_labels(shape, granularity, group_size):
     """Integer group id of every entry, computed without the package."""
-    rows, cols = shape
+    cols = shape[1]
     r, c = np.indices(shape)
     if granularity == "tensor":
         return np.zeros(shape, dtype=np.int64)
@@ -422,6 +423,7 @@ def test_paper_quantizer_matches_reference(bits, dist):
         ({"granularity": "group", "group_size": 12}, "12"),
         ({"granularity": "group", "group_size": 0}, "0"),
         ({"granularity": "group", "group_size": -8}, "-8"),
+        ({"granularity": "group", "group_size": 16.0}, "16.0"),
         ({"granularity": "column", "group_size": 64}, "64"),
         ({"granularity": "tensor", "group_size": 8}, "8"),
         ({"rounding": "truncate"}, "truncate"),
@@ -440,6 +442,7 @@ def test_paper_quantizer_matches_reference(bits, dist):
         "group-size12",
         "group-size0",
         "group-size-neg",
+        "group-size-float",
         "column-with-size",
         "tensor-with-size",
         "bad-rounding",
@@ -546,7 +549,7 @@ def test_merge_ranges_over_row_blocks(granularity, symmetric):
     x[17, 3] = 9.0  # the extremes sit in different blocks
     x[2, 5] = -7.0
     bounds = [0, 3, 10, 11, 23]
-    parts = [block_range(x[a:b], spec=spec) for a, b in zip(bounds[:-1], bounds[1:])]
+    parts = [block_range(x[a:b], spec=spec) for a, b in pairwise(bounds)]
     lo, hi = reduce(merge_ranges, parts)
     whole_lo, whole_hi = block_range(x, spec=spec)
     np.testing.assert_array_equal(lo, whole_lo)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from itertools import pairwise
+
 import numpy as np
 import pytest
 
@@ -83,7 +85,7 @@ def test_sketch_ranges_agree(start, stop, m):
 def test_sketch_tiles_concatenate_to_whole():
     whole = sketch_rows(6, 0, 3000, 4)
     bounds = [0, 1, 700, 1024, 1500, 2049, 3000]
-    tiles = [sketch_rows(6, a, b, 4) for a, b in zip(bounds[:-1], bounds[1:])]
+    tiles = [sketch_rows(6, a, b, 4) for a, b in pairwise(bounds)]
     np.testing.assert_array_equal(np.concatenate(tiles, axis=0), whole)
 
 

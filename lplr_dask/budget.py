@@ -1,0 +1,248 @@
+"""Choosing rank and bit widths under a budget in bits per entry.
+
+For ``lplr`` (and ``dsvd``, ``lplr-svd``, ``nq+lplr``) every pair of bit widths (B, B′) in 1–8
+gets its largest feasible rank m(B, B′) ≤ ``max_rank``; the pair with the lowest *measured*
+error wins. Measuring every candidate costs one sketch pass over A plus small work:
+
+1. one sketch of K = max m columns. The sketch has a prefix property (see
+   :mod:`lplr_dask.random`), so the first m columns of its orthonormal basis span exactly the
+   rank-m sketch's range, for every candidate m;
+2. in the same pass, a seeded sample of whole column groups of A is kept (``sample_cols``
+   columns, all of A when d is smaller);
+3. given L̂, the error separates over columns, ‖A − L̂R̂‖² = Σ_j ‖A_j − L̂R̂_j‖², and R̂_j depends
+   only on column j and its group, so the error on the sampled columns is exact for them and
+   an unbiased estimate of the whole (a ratio estimator of the relative error).
+
+The chosen configuration is then compressed for real (two more passes). ``paper`` keeps its
+fixed bits (8/8 by default, as in the paper) and takes the largest rank; ``nq`` takes the
+largest bit width that fits.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .api import LOW_RANK_METHODS, CompressionConfig, make_config
+from .engine import Stages, decode, encode, global_ranges, gram, left_multiply, right_multiply
+from .engine import sketch_matrix, tile_sumsq
+from .errors import ParameterError
+from .inputs import InputMatrix
+from .linalg import gram_pinv, top_eigenvectors
+from .quantize import QuantizerSpec, block_range
+
+__all__ = ["choose_config", "max_rank_for"]
+
+BIT_CHOICES = tuple(range(1, 9))
+
+
+def max_rank_for(shape, *, budget: float, make) -> int:
+    """Largest m with ``make(m).bits_per_entry(shape) <= budget`` (0 if none).
+
+    Bits grow linearly in m, so this is a bisection over 1 ≤ m < min(n, d).
+    """
+    lo, hi = 0, min(shape) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if make(mid).bits_per_entry(shape) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def _too_small(budget, shape, cfg_min, what):
+    need = cfg_min.bits_per_entry(shape)
+    return ParameterError(
+        f"budget={budget} bits per entry is too small for {what}: the cheapest configuration "
+        f"needs {need:.4f} bits per entry for a {shape[0]}×{shape[1]} matrix. Raise --budget "
+        "to at least that" + (", or use --method nq." if what != "nq" else " (or, for nq, set "
+                              "--group-size 0 for one scale per matrix).")
+    )
+
+
+def _candidate_grid(bits_left, bits_right):
+    lefts = (bits_left,) if bits_left is not None else BIT_CHOICES
+    rights = (bits_right,) if bits_right is not None else BIT_CHOICES
+    return [(bl, br) for bl in lefts for br in rights]
+
+
+def choose_config(
+    matrix: InputMatrix,
+    *,
+    budget: float,
+    method: str,
+    bits_left=None,
+    bits_right=None,
+    bits_matrix=None,
+    group_size=128,
+    n_oversamples=0,
+    n_power_iter=None,
+    seed=0,
+    rounding="nearest",
+    max_rank=512,
+    stages: Stages | None = None,
+    sample_cols: int = 2048,
+) -> CompressionConfig:
+    """The configuration with the lowest measured error among those within ``budget``.
+
+    Returns a :class:`~lplr_dask.api.CompressionConfig`; its ``search`` table (candidates with
+    their estimated errors) is attached as ``choose_config.last_table`` for reporting.
+
+    Raises
+    ------
+    ParameterError
+        If no configuration of ``method`` fits: the message gives the smallest budget that does.
+    """
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
+        raise ParameterError(f"budget={budget!r} must be a positive number of bits per entry.")
+    stages = stages or Stages()
+    shape = matrix.shape
+    kw = dict(method=method, shape=shape, group_size=group_size, seed=seed, rounding=rounding,
+              n_oversamples=n_oversamples, n_power_iter=n_power_iter)
+
+    if method == "nq":
+        choices = (bits_matrix,) if bits_matrix is not None else (16, *BIT_CHOICES[::-1])
+        for b in choices:
+            cfg = make_config(rank=None, bits_matrix=b, **kw)
+            if cfg.bits_per_entry(shape) <= budget:
+                return cfg
+        raise _too_small(budget, shape, make_config(rank=None, bits_matrix=min(choices), **kw),
+                         "nq")
+    if method not in LOW_RANK_METHODS:
+        make_config(rank=None, **kw)  # raises the unknown-method error
+
+    def make(m, bl, br, bm=None):
+        return make_config(rank=m, bits_left=bl, bits_right=br, bits_matrix=bm, **kw)
+
+    cap = max(1, min(max_rank, min(shape) - 1 - n_oversamples))
+    if method == "paper":
+        bl, br = bits_left or 8, bits_right or 8
+        m = min(cap, max_rank_for(shape, budget=budget, make=lambda r: make(r, bl, br)))
+        if m < 1:
+            raise _too_small(budget, shape, make(1, bl, br), f"paper with B={bl}, B'={br}")
+        return make(m, bl, br)
+
+    matrix_bits = [None]
+    if method == "nq+lplr":
+        if bits_matrix is not None:
+            matrix_bits = [bits_matrix]
+        else:
+            top = int(min(8, np.floor(budget)))
+            matrix_bits = sorted({max(1, top - 1), max(1, top)})
+    candidates = []
+    for bm in matrix_bits:
+        for bl, br in _candidate_grid(bits_left, bits_right):
+            m = min(cap, max_rank_for(shape, budget=budget, make=lambda r: make(r, bl, br, bm)))
+            if m >= 1:
+                candidates.append((m, bl, br, bm))
+    if not candidates:
+        bm = matrix_bits[0]
+        raise _too_small(budget, shape, make(1, min(_candidate_grid(bits_left, bits_right))[0],
+                                             min(_candidate_grid(bits_left, bits_right))[1], bm),
+                         f"{method} at rank 1")
+    best = None
+    table = []
+    for bm in matrix_bits:
+        group = [c for c in candidates if c[3] == bm]
+        if not group:
+            continue
+        errors = _estimate_errors(matrix, group, make, stages=stages, sample_cols=sample_cols,
+                                  seed=seed, method=method, n_power_iter=kw["n_power_iter"])
+        for cand, err in zip(group, errors):
+            cfg = make(*cand)
+            table.append({"rank": cand[0], "bits_left": cand[1], "bits_right": cand[2],
+                          "bits_matrix": cand[3], "bits_per_entry": cfg.bits_per_entry(shape),
+                          "estimated_rel_error": err})
+            if best is None or err < best[0]:
+                best = (err, cfg)
+    choose_config.last_table = table
+    return best[1]
+
+
+choose_config.last_table = []
+
+
+def _sample_columns(d: int, *, group: int, sample_cols: int, seed: int) -> np.ndarray:
+    """Sorted column indices of whole groups, chosen by a seeded generator (all if d small)."""
+    if d <= sample_cols:
+        return np.arange(d)
+    n_groups = -(-d // group)
+    take = max(1, sample_cols // group)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(99,)))
+    chosen = np.sort(rng.choice(n_groups, size=min(take, n_groups), replace=False))
+    cols = np.concatenate([np.arange(g * group, min((g + 1) * group, d)) for g in chosen])
+    return cols
+
+
+def _fake_quant_block(x, *, spec, lo, hi):
+    from ._array import asarray_like
+
+    lo_b, hi_b = (None, None) if spec.is_float else (asarray_like(lo, x), asarray_like(hi, x))
+    return decode(encode(x, spec, lo_b, hi_b), spec, lo_b, hi_b, dtype=x.dtype)
+
+
+def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, method, n_power_iter):
+    """Estimated relative errors of ``candidates`` [(m, B, B′, B_nq)] from one sketch pass."""
+    from .api import _check_finite, _nq_residual, _orthonormalize, _times
+
+    a = matrix.data
+    n, d = a.shape
+    cfg0 = make(*candidates[0])
+    k = max(c[0] for c in candidates)
+    group = cfg0.right.group_size if cfg0.right.granularity == "group" else 128
+    cols = _sample_columns(d, group=group, sample_cols=sample_cols, seed=seed)
+    orig_sub = a[:, cols].rechunk({1: -1})
+    if cfg0.matrix is not None:
+        # nq+lplr: the low-rank part models the residual of the group-wise quantizer Q(A).
+        if not cfg0.matrix.is_float and cfg0.matrix.granularity == "tensor":
+            raise ParameterError(
+                "method='nq+lplr' with a budget needs group-wise scales for Q(A); set "
+                "--group-size to a multiple of 8 (such as 128)."
+            )
+        a = a.map_blocks(_nq_residual, spec=cfg0.matrix, lo=None, hi=None, seed=seed,
+                         dtype=a.dtype)
+    sub = a[:, cols].rechunk({1: -1})
+    s = sketch_matrix(d, k, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
+    y, sub, orig_sub, sumsq = stages.persist("search-sketch", right_multiply(a, s), sub,
+                                             orig_sub, tile_sumsq(a))
+    _check_finite(np.asarray(sumsq.compute()), a, matrix.path or "array")
+    for _ in range(n_power_iter or 0):
+        q = _orthonormalize(y)
+        (z,) = stages.persist("search-power-iteration", _orthonormalize(left_multiply(a, q).T))
+        (y,) = stages.persist("search-power-iteration", right_multiply(a, z))
+    (basis,) = stages.persist("search-basis", y if method == "paper" else _orthonormalize(y))
+    given = None
+    if method in ("dsvd", "lplr-svd"):
+        # Rank-ordered singular vectors of the sketch's projection: prefixes are rank-m SVDs.
+        (bbt,) = stages.compute("search-svd", gram(left_multiply(a, basis).T))
+        u, w = top_eigenvectors(np.asarray(bbt), k)
+        if method == "lplr-svd":
+            u = u * np.sqrt(np.maximum(w, 0.0))[None, :]
+        (basis,) = stages.persist("search-basis", _times(basis, u))
+        if method == "dsvd":
+            given = left_multiply(sub, basis)
+    ranges = global_ranges(basis, QuantizerSpec(granularity="column"), stages, "search-ranges")
+    lefts = sorted({c[1] for c in candidates})
+    work = []
+    for bl in lefts:
+        spec = make(candidates[0][0], bl, candidates[0][2], candidates[0][3]).left
+        lo, hi = (None, None) if spec.is_float else ranges
+        lhat = basis.map_blocks(_fake_quant_block, spec=spec, lo=lo, hi=hi, dtype=a.dtype)
+        work += [gram(lhat), left_multiply(sub, lhat)]
+    norms = [(sub.astype(np.float64) ** 2).sum(), (orig_sub.astype(np.float64) ** 2).sum()]
+    out = stages.compute("search-evaluate", *work, *norms, *([given] if given is not None else []))
+    out = [np.asarray(x) for x in out]
+    per_left = {bl: (out[2 * i], out[2 * i + 1]) for i, bl in enumerate(lefts)}
+    sub_norm2, orig_norm2 = float(out[2 * len(lefts)]), float(out[2 * len(lefts) + 1])
+    given_np = out[-1] if given is not None else None
+    errors = []
+    for m, bl, br, bm in candidates:
+        g_full, p_full = per_left[bl]
+        g, p = g_full[:m, :m], p_full[:m]
+        r = given_np[:m] if given_np is not None else gram_pinv(g) @ p
+        spec = make(m, bl, br, bm).right
+        lo, hi = (None, None) if spec.is_float else block_range(r, spec=spec)
+        rhat = decode(encode(r, spec, lo, hi), spec, lo, hi, dtype=np.float64)
+        err2 = sub_norm2 - 2 * float(np.sum(rhat * p)) + float(np.sum(rhat * (g @ rhat)))
+        errors.append(float(np.sqrt(max(err2, 0.0) / orig_norm2)) if orig_norm2 > 0 else 0.0)
+    return errors
