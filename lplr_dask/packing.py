@@ -54,14 +54,14 @@ def unpack_codes(packed, bits: int, n_cols: int):
     """Inverse of :func:`pack_codes`: uint8 codes of shape (rows, n_cols)."""
     _check_bits(bits)
     xp = array_namespace(packed)
-    if bits == 8:
-        return packed[:, :n_cols]
     rows, nbytes = packed.shape
     if nbytes != packed_width(n_cols, bits):
         raise ParameterError(
             f"{nbytes} packed bytes per row cannot hold {n_cols} codes of {bits} bits "
             f"(expected {packed_width(n_cols, bits)})."
         )
+    if bits == 8:
+        return packed
     shifts = xp.arange(8, dtype=np.uint8)
     stream = ((packed[:, :, None] >> shifts) & 1).reshape(rows, nbytes * 8)
     stream = stream[:, : n_cols * bits].reshape(rows, n_cols, bits)

@@ -89,7 +89,8 @@ class QuantizerSpec:
                 f"granularity={self.granularity!r} is unknown; use one of {GRANULARITIES}."
             )
         if self.granularity == "group":
-            if self.group_size is None or self.group_size < 8 or self.group_size % 8:
+            gs = self.group_size
+            if not isinstance(gs, (int, np.integer)) or isinstance(gs, bool) or gs < 8 or gs % 8:
                 raise ParameterError(
                     f"group_size={self.group_size!r} is invalid for group-wise scales: use a "
                     "positive multiple of 8, such as 64 or 128."
@@ -179,7 +180,7 @@ def block_range(x, *, spec: QuantizerSpec):
         n_groups = -(-cols // g)
         pad = n_groups * g - cols
         if pad:
-            # Pad the last group with a copy of its own first entry: neutral for min and max.
+            # Pad the last group with copies of the row's last entry: neutral for min and max.
             x = xp.concatenate([x, xp.repeat(x[:, -1:], pad, axis=1)], axis=1)
         grouped = x.reshape(rows, n_groups, g)
         lo, hi = xp.min(grouped, axis=2), xp.max(grouped, axis=2)
@@ -252,5 +253,7 @@ def dequantize(codes, lo, hi, *, spec: QuantizerSpec, dtype=np.float32):
     """Values of the levels that ``codes`` name, as ``dtype`` (float32 by default)."""
     lo = expand_range(lo, codes.shape, spec=spec)
     hi = expand_range(hi, codes.shape, spec=spec)
-    step = _steps(lo, hi, spec.levels)
-    return (lo + codes.astype(np.float64) * step).astype(dtype)
+    # lo·(1 − t) + hi·t with t = k / (2^B − 1) hits both endpoints exactly (lo + k·step can
+    # miss hi by a rounding unit of |lo|).
+    t = codes.astype(np.float64) / (spec.levels - 1)
+    return (lo.astype(np.float64) * (1.0 - t) + hi.astype(np.float64) * t).astype(dtype)

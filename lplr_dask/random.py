@@ -46,6 +46,8 @@ def sketch_rows(seed: int, start: int, stop: int, n_cols: int, *, dtype=np.float
     Entries are i.i.d. N(0, 1/n_cols), the paper's scaling. Returns a C-contiguous NumPy array
     of shape (stop - start, n_cols). Cost: at most two seed blocks beyond the rows asked for.
     """
+    if stop <= start:
+        return np.zeros((0, n_cols), dtype=dtype)
     first, last = start // SEED_BLOCK, -(-stop // SEED_BLOCK)
     parts = [
         block_generator(seed, STREAM_SKETCH, b).standard_normal((n_cols, SEED_BLOCK), dtype=np.float32).T
