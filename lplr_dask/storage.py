@@ -172,7 +172,7 @@ def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> 
             "tensor": (1, 1),
             "column": (1, cols),
             "row": (crow, 1),
-            "group": (crow, max(1, ccol // (spec.group_size or 1))),
+            "group": (crow, -(-ccol // (spec.group_size or 1))),
         }[spec.granularity]
         for part in ("hi",) if spec.symmetric else ("hi", "lo"):
             group.create_array(part, shape=rshape, chunks=rchunks, dtype="float32",
@@ -248,3 +248,17 @@ def read_factor_block(path: str, spec: QuantizerSpec, shape, rows: slice, cols: 
 def encode_block(values, spec: QuantizerSpec):
     """Float16/bfloat16 bit patterns of a block (16-bit passthrough)."""
     return encode_float(values, spec.float_format)
+
+
+def bytes_on_disk(path) -> dict:
+    """Sizes of the files of a compressed group: chunk files of the code and range arrays
+    (``arrays``) and Zarr metadata (``metadata``), in bytes; compare ``arrays`` with the
+    reported ``stored_bytes``."""
+    arrays = metadata = 0
+    for f in Path(path).rglob("*"):
+        if f.is_file():
+            if f.name == "zarr.json":
+                metadata += f.stat().st_size
+            else:
+                arrays += f.stat().st_size
+    return {"arrays": arrays, "metadata": metadata}

@@ -1,0 +1,80 @@
+"""Cluster set-up: one code path for a local cluster, a local CUDA cluster or a scheduler address."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+from .errors import ParameterError
+
+__all__ = ["dask_client"]
+
+
+def _default_workers() -> tuple[int, int]:
+    cores = os.cpu_count() or 1
+    workers = 2 if cores >= 2 else 1
+    return workers, max(1, cores // workers)
+
+
+@contextlib.contextmanager
+def dask_client(
+    cluster: str = "local",
+    *,
+    n_workers: int | None = None,
+    threads_per_worker: int | None = None,
+    memory_limit: str | int | None = "auto",
+    dashboard_address: str | None = ":0",
+):
+    """A ``distributed.Client`` for ``cluster``, closed (with its cluster) on exit.
+
+    Parameters
+    ----------
+    cluster : str, default "local"
+        ``"local"``: a new ``LocalCluster`` of worker processes on this machine (the embedded
+        default). ``"cuda"``: a ``dask_cuda.LocalCUDACluster``, one worker per GPU (needs the
+        ``gpu`` extra). Anything else is taken as the address of a running scheduler, such as
+        ``tcp://127.0.0.1:8786``.
+    n_workers, threads_per_worker : int, optional
+        For ``"local"``: default 2 workers sharing the cores.
+    memory_limit : str or int, default "auto"
+        Per-worker memory limit for local clusters (``"1GiB"``, bytes, or ``"auto"``).
+    dashboard_address : str, optional
+        Where the Dask dashboard listens (``":0"``: a free port; ``None``: no dashboard).
+    """
+    from distributed import Client, LocalCluster
+
+    if cluster == "local":
+        dw, dt = _default_workers()
+        lc = LocalCluster(
+            n_workers=n_workers or dw,
+            threads_per_worker=threads_per_worker or dt,
+            memory_limit=memory_limit,
+            processes=True,
+            dashboard_address=dashboard_address,
+            host="127.0.0.1",
+        )
+        with lc, Client(lc) as client:
+            yield client
+    elif cluster == "cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:  # also raised by dask_cuda on machines without CUDA libraries
+            raise ParameterError(
+                f"--cluster cuda needs dask-cuda and a CUDA device ({exc}). Install the GPU "
+                "extra (pip install 'lplr-dask[gpu]') on a machine with NVIDIA GPUs, or use "
+                "--cluster local."
+            ) from exc
+        kwargs = {} if memory_limit in (None, "auto") else {"memory_limit": memory_limit}
+        with LocalCUDACluster(dashboard_address=dashboard_address, **kwargs) as lc, Client(lc) as client:
+            yield client
+    else:
+        address = cluster if "://" in cluster else f"tcp://{cluster}"
+        try:
+            client = Client(address, timeout="10s")
+        except OSError as exc:
+            raise ParameterError(
+                f"Cannot reach a Dask scheduler at {address} ({exc}). Start one with "
+                "`dask scheduler` and workers with `dask worker ADDRESS`, or use --cluster local."
+            ) from exc
+        with client:
+            yield client
