@@ -279,11 +279,12 @@ def _quantize_matrix(a, spec, root, stages, seed):
     return stats, residual, writer
 
 
-def _run_low_rank(a: da.Array, cfg: CompressionConfig, root: Path, stages: Stages,
+def _run_low_rank(a: da.Array, cfg: CompressionConfig, root: Path, stages: Stages, source: str,
                   extra_sketch=()):
     """Every low-rank method: sketch, basis, quantized L, projection and quantized R.
 
-    Returns (‖a‖², ⟨R̂, P⟩, ⟨R̂, G R̂⟩, per-tile Σa², results of ``extra_sketch``)."""
+    Returns (‖a‖², ⟨R̂, P⟩, ⟨R̂, G R̂⟩, per-tile Σa², results of ``extra_sketch``); raises
+    NonFiniteInputError right after the sketch pass if a tile holds NaN or Inf."""
     n, d = a.shape
     k = cfg.rank + cfg.n_oversamples
     svd = cfg.method in ("dsvd", "lplr-svd")
@@ -293,6 +294,7 @@ def _run_low_rank(a: da.Array, cfg: CompressionConfig, root: Path, stages: Stage
     s = sketch_matrix(d, k, seed=cfg.seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
     y, sumsq, *extra = stages.persist("sketch", right_multiply(a, s), tile_sumsq(a), *extra_sketch)
     sumsq = np.asarray(sumsq.compute())
+    _check_finite(sumsq, a, source)  # before any factorization sees a NaN
     for _ in range(cfg.n_power_iter):
         q = _orthonormalize(y)
         (z,) = stages.persist("power-iteration", _orthonormalize(left_multiply(a, q).T))
@@ -469,15 +471,14 @@ def _execute(matrix: InputMatrix, cfg: CompressionConfig, root: Path, stages: St
             _check_finite(np.asarray(sumsq), a, src)
         # The residual pass re-quantizes each tile (cheap next to the GEMM); Q(A)'s codes are
         # written during the sketch pass, which reads each tile once for both.
-        res2, rp, rgr, sumsq_res, (s,) = _run_low_rank(residual, cfg, root, stages,
-                                                       extra_sketch=(stats,))
+        res2, rp, rgr, _, (s,) = _run_low_rank(residual, cfg, root, stages, src,
+                                               extra_sketch=(stats,))
         s = np.asarray(s.compute()).reshape(a.numblocks[0], a.numblocks[1], 2)
         _check_finite(s[..., 0], a, src)
         norm2 = float(s[..., 0].sum())
         err2 = max(res2 - 2 * rp + rgr, 0.0)
         return float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
-    norm2, rp, rgr, sumsq, _ = _run_low_rank(a, cfg, root, stages)
-    _check_finite(sumsq, a, src)
+    norm2, rp, rgr, _, _ = _run_low_rank(a, cfg, root, stages, src)
     err2 = max(norm2 - 2 * rp + rgr, 0.0)
     return float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
 

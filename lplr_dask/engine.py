@@ -49,9 +49,10 @@ def _client():
     try:
         from distributed import default_client
 
-        return default_client()
+        client = default_client()
     except (ImportError, ValueError):
         return None
+    return client if client.status == "running" else None
 
 
 @dataclass

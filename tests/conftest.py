@@ -1,0 +1,68 @@
+"""Shared fixtures: real Zarr stores on disk, matrices with a known spectrum, a real cluster."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+
+
+def known_spectrum(n, d, singular_values, *, noise=0.0, seed=0, dtype=np.float32):
+    """A = U diag(s) Vᵀ (+ noise) with exactly orthonormal U, V: its spectrum is known."""
+    rng = np.random.default_rng(seed)
+    k = len(singular_values)
+    u = np.linalg.qr(rng.standard_normal((n, k)))[0]
+    v = np.linalg.qr(rng.standard_normal((d, k)))[0]
+    a = (u * np.asarray(singular_values)) @ v.T
+    if noise:
+        a = a + noise * rng.standard_normal((n, d))
+    return a.astype(dtype)
+
+
+def write_zarr(path, a, chunks):
+    z = zarr.create_array(str(path), shape=a.shape, chunks=chunks, dtype=a.dtype)
+    z[:] = a
+    return str(path)
+
+
+def group_digest(path) -> dict:
+    """SHA-256 of every chunk file of a compressed group (the codes and ranges), by name."""
+    root = Path(path)
+    return {
+        str(f.relative_to(root)): hashlib.sha256(f.read_bytes()).hexdigest()
+        for f in sorted(root.rglob("*"))
+        if f.is_file() and f.name != "zarr.json"
+    }
+
+
+@pytest.fixture(scope="session")
+def decaying():
+    """1200 × 700 float32, s_i = 0.8^i for i < 40, plus 0.1% noise."""
+    s = 0.8 ** np.arange(40)
+    return known_spectrum(1200, 700, s * 100, noise=1e-3, seed=1)
+
+
+@pytest.fixture
+def decaying_zarr(tmp_path, decaying):
+    return write_zarr(tmp_path / "A.zarr", decaying, (300, 256))
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    """A real LocalCluster of two single-threaded worker processes on 127.0.0.1."""
+    from distributed import LocalCluster
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address=":0", memory_limit="2GiB") as lc:
+        yield lc
+
+
+@pytest.fixture
+def client(cluster):
+    from distributed import Client
+
+    with Client(cluster) as c:
+        yield c
