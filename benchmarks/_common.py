@@ -182,9 +182,10 @@ class RssSampler(threading.Thread):
         self.join()
         self._tick()
 
-    def peak_between(self, pid: int, t0: float, t1: float) -> int:
+    def peak_between(self, pid: int, t0: float, t1: float) -> int | None:
+        """Largest sample of ``pid`` in [t0, t1], None if there was no sample then."""
         vals = [rss for t, p, rss in self.samples if p == pid and t0 <= t <= t1]
-        return max(vals) if vals else 0
+        return max(vals) if vals else None
 
     def argmax(self, pid: int) -> tuple[float, int]:
         best = (0.0, -1)

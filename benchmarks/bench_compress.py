@@ -96,7 +96,7 @@ def _tile_sgemm_gflops(rows: int, cols: int, k: int, reps: int = 3) -> float:
 
 
 def _worker_peak(sampler: RssSampler, worker_pids, t0: float, t1: float) -> int:
-    return max(sampler.peak_between(pid, t0, t1) for pid in worker_pids)
+    return max(sampler.peak_between(pid, t0, t1) or 0 for pid in worker_pids)
 
 
 def main(argv=None) -> int:

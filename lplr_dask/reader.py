@@ -106,9 +106,9 @@ class CompressedMatrix:
         """
         x = np.asarray(x)
         vec = x.ndim == 1
-        x2 = x.reshape(self.shape[1], -1) if vec else x
-        if x2.shape[0] != self.shape[1]:
-            raise ValueError(f"x has {x2.shape[0]} rows; this matrix has {self.shape[1]} columns.")
+        if x.shape[0] != self.shape[1]:
+            raise ValueError(f"x has {x.shape[0]} rows; this matrix has {self.shape[1]} columns.")
+        x2 = x.reshape(self.shape[1], -1)
         out = None
         if self.has("L"):
             rx = da.matmul(self.R, x2.astype(np.float32)).compute()
