@@ -10,8 +10,8 @@ The public API::
 
 __version__ = "0.1.0"
 
-from .api import METHODS, CompressionResult, compress  # noqa: E402
-from .errors import (  # noqa: E402
+from .api import METHODS, CompressionResult, compress
+from .errors import (
     InputError,
     LPLRError,
     NonFiniteInputError,
@@ -19,7 +19,7 @@ from .errors import (  # noqa: E402
     ParameterError,
     StorageFormatError,
 )
-from .quantize import QuantizerSpec  # noqa: E402
+from .quantize import QuantizerSpec
 
 __all__ = [
     "METHODS",

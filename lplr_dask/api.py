@@ -13,8 +13,8 @@ import zarr
 from . import __version__
 from ._array import array_namespace, asarray_like
 from .engine import (
-    Stages,
     StageCallback,
+    Stages,
     decode,
     encode,
     global_ranges,
@@ -114,8 +114,10 @@ def _check_int(name, value, lo, hi=None, fix=""):
 def _check_bits(name, bits):
     if bits is None:
         return
-    if isinstance(bits, bool) or not isinstance(bits, (int, np.integer)) or not (
-        1 <= bits <= 8 or bits == 16
+    if (
+        isinstance(bits, bool)
+        or not isinstance(bits, (int, np.integer))
+        or not (1 <= bits <= 8 or bits == 16)
     ):
         raise ParameterError(
             f"{name}={bits!r} is out of range: use 1 to 8 bits for integer codes, or 16 for a "
@@ -141,8 +143,11 @@ def make_config(
     if method not in METHODS:
         raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
     n, d = shape
-    for name, b in (("bits_left", bits_left), ("bits_right", bits_right),
-                    ("bits_matrix", bits_matrix)):
+    for name, b in (
+        ("bits_left", bits_left),
+        ("bits_right", bits_right),
+        ("bits_matrix", bits_matrix),
+    ):
         _check_bits(name, b)
     _check_int("n_oversamples", n_oversamples, 0)
     _check_int("seed", seed, 0, fix="Use a non-negative integer seed.")
@@ -160,7 +165,9 @@ def make_config(
         if bits == 16:
             return QuantizerSpec(bits=16)
         if group:
-            return QuantizerSpec(bits=bits, granularity="group", group_size=group, rounding=rounding)
+            return QuantizerSpec(
+                bits=bits, granularity="group", group_size=group, rounding=rounding
+            )
         return QuantizerSpec(bits=bits, granularity=fallback, rounding=rounding)
 
     matrix = left = right = None
@@ -175,8 +182,13 @@ def make_config(
             f"method={method!r} needs a rank (--rank M) or a budget (--budget BITS_PER_ENTRY)."
         )
     limit = min(n, d) - 1
-    _check_int("rank", rank, 1, limit,
-               fix=f"For a {n}×{d} matrix the rank must be below min(n, d) = {min(n, d)}.")
+    _check_int(
+        "rank",
+        rank,
+        1,
+        limit,
+        fix=f"For a {n}×{d} matrix the rank must be below min(n, d) = {min(n, d)}.",
+    )
     if rank + n_oversamples > min(n, d):
         raise ParameterError(
             f"rank + n_oversamples = {rank + n_oversamples} exceeds min(n, d) = {min(n, d)}; "
@@ -193,8 +205,11 @@ def make_config(
         left = QuantizerSpec(bits=16) if bl == 16 else QuantizerSpec.paper(bl)
         right = QuantizerSpec(bits=16) if br == 16 else QuantizerSpec.paper(br)
     else:
-        left = QuantizerSpec(bits=16) if bl == 16 else QuantizerSpec(
-            bits=bl, granularity="column", rounding=rounding)
+        left = (
+            QuantizerSpec(bits=16)
+            if bl == 16
+            else QuantizerSpec(bits=bl, granularity="column", rounding=rounding)
+        )
         right = grouped(br, "row")
     return CompressionConfig(method, rank, left, right, matrix, n_oversamples, n_power_iter, seed)
 
@@ -235,7 +250,9 @@ def _times(x: da.Array, t: np.ndarray) -> da.Array:
 def _nq_block(a, *, spec, lo, hi, seed, writer=None, block_info=None):
     loc = block_info[0]
     i, j = loc["chunk-location"]
-    rng = block_generator(seed, STREAM_DITHER_MATRIX, i, j) if spec.rounding == "stochastic" else None
+    rng = (
+        block_generator(seed, STREAM_DITHER_MATRIX, i, j) if spec.rounding == "stochastic" else None
+    )
     if spec.is_float or lo is None:
         lo_b, hi_b = (None, None) if spec.is_float else block_range(a, spec=spec)
         local = not spec.is_float
@@ -273,14 +290,20 @@ def _quantize_matrix(a, spec, root, stages, seed):
             return None, None, None
         writer.write_ranges(lo, hi)
     kw = dict(spec=spec, lo=lo, hi=hi, seed=seed)
-    stats = a.map_blocks(_nq_write_stats, writer=writer, chunks=((1,) * a.numblocks[0],
-                         (2,) * a.numblocks[1]), dtype=np.float64, **kw)
+    stats = a.map_blocks(
+        _nq_write_stats,
+        writer=writer,
+        chunks=((1,) * a.numblocks[0], (2,) * a.numblocks[1]),
+        dtype=np.float64,
+        **kw,
+    )
     residual = a.map_blocks(_nq_residual, dtype=a.dtype, **kw)
     return stats, residual, writer
 
 
-def _run_low_rank(a: da.Array, cfg: CompressionConfig, root: Path, stages: Stages, source: str,
-                  extra_sketch=()):
+def _run_low_rank(
+    a: da.Array, cfg: CompressionConfig, root: Path, stages: Stages, source: str, extra_sketch=()
+):
     """Every low-rank method: sketch, basis, quantized L, projection and quantized R.
 
     Returns (‖a‖², ⟨R̂, P⟩, ⟨R̂, G R̂⟩, per-tile Σa², results of ``extra_sketch``); raises
@@ -317,7 +340,8 @@ def _run_low_rank(a: da.Array, cfg: CompressionConfig, root: Path, stages: Stage
                 # Z = U_k Σ_k Ω with Ω a k × k Gaussian (entries N(0, 1/k)), as in the paper.
                 sig = np.sqrt(np.maximum(w, 0.0))
                 mix = block_generator(cfg.seed, STREAM_LPLR_SVD_MIX).standard_normal(
-                    (cfg.rank, cfg.rank)) / np.sqrt(cfg.rank)
+                    (cfg.rank, cfg.rank)
+                ) / np.sqrt(cfg.rank)
                 u = u @ (sig[:, None] * mix)
             basis = _times(q, u)
     lwriter = create_factor(root, "L", (n, cfg.rank), cfg.left, (a.chunksize[0], cfg.rank))
@@ -325,8 +349,18 @@ def _run_low_rank(a: da.Array, cfg: CompressionConfig, root: Path, stages: Stage
     if mode == "lstsq":
         coef = gram_pinv(g)
     rwriter = create_factor(root, "R", (cfg.rank, d), cfg.right, (cfg.rank, a.chunksize[1]))
-    rp, rgr = project_and_quantize(a, lhat, g, cfg.right, rwriter, seed=cfg.seed, stages=stages,
-                                   coef=coef, mode=mode, given=given)
+    rp, rgr = project_and_quantize(
+        a,
+        lhat,
+        g,
+        cfg.right,
+        rwriter,
+        seed=cfg.seed,
+        stages=stages,
+        coef=coef,
+        mode=mode,
+        given=given,
+    )
     return float(sumsq.sum()), rp, rgr, sumsq, extra
 
 
@@ -425,8 +459,9 @@ def compress(
     if method not in METHODS:
         raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
     matrix = open_input(source, block_shape=block_shape, group_size=group_size or None)
-    out = check_output_path(output, overwrite=overwrite,
-                            inputs=[matrix.path] if matrix.path else ())
+    out = check_output_path(
+        output, overwrite=overwrite, inputs=[matrix.path] if matrix.path else ()
+    )
     stages = Stages(on_stage)
     common = dict(group_size=group_size, seed=seed, rounding=rounding)
     if budget is not None:
@@ -434,19 +469,37 @@ def compress(
             raise ParameterError("Give either rank or budget, not both.")
         from .budget import choose_config
 
-        cfg = choose_config(matrix, budget=budget, method=method, bits_left=bits_left,
-                            bits_right=bits_right, bits_matrix=bits_matrix,
-                            n_oversamples=n_oversamples, n_power_iter=n_power_iter,
-                            max_rank=max_rank, stages=stages, **common)
+        cfg = choose_config(
+            matrix,
+            budget=budget,
+            method=method,
+            bits_left=bits_left,
+            bits_right=bits_right,
+            bits_matrix=bits_matrix,
+            n_oversamples=n_oversamples,
+            n_power_iter=n_power_iter,
+            max_rank=max_rank,
+            stages=stages,
+            **common,
+        )
     else:
-        cfg = make_config(method=method, shape=matrix.shape, rank=rank, bits_left=bits_left,
-                          bits_right=bits_right, bits_matrix=bits_matrix,
-                          n_oversamples=n_oversamples, n_power_iter=n_power_iter, **common)
+        cfg = make_config(
+            method=method,
+            shape=matrix.shape,
+            rank=rank,
+            bits_left=bits_left,
+            bits_right=bits_right,
+            bits_matrix=bits_matrix,
+            n_oversamples=n_oversamples,
+            n_power_iter=n_power_iter,
+            **common,
+        )
     with temporary_output(out) as tmp:
         zarr.open_group(str(tmp), mode="w")
         rel = _execute(matrix, cfg, tmp, stages)
-        result = _result(out, matrix, cfg, rel, stages, time.perf_counter() - t_start, budget,
-                         group_size)
+        result = _result(
+            out, matrix, cfg, rel, stages, time.perf_counter() - t_start, budget, group_size
+        )
         write_metadata(tmp, _metadata(result, cfg, matrix))
         publish(tmp, out)
     return result
@@ -471,8 +524,9 @@ def _execute(matrix: InputMatrix, cfg: CompressionConfig, root: Path, stages: St
             _check_finite(np.asarray(sumsq), a, src)
         # The residual pass re-quantizes each tile (cheap next to the GEMM); Q(A)'s codes are
         # written during the sketch pass, which reads each tile once for both.
-        res2, rp, rgr, _, (s,) = _run_low_rank(residual, cfg, root, stages, src,
-                                               extra_sketch=(stats,))
+        res2, rp, rgr, _, (s,) = _run_low_rank(
+            residual, cfg, root, stages, src, extra_sketch=(stats,)
+        )
         s = np.asarray(s.compute()).reshape(a.numblocks[0], a.numblocks[1], 2)
         _check_finite(s[..., 0], a, src)
         norm2 = float(s[..., 0].sum())

@@ -23,8 +23,17 @@ from __future__ import annotations
 import numpy as np
 
 from .api import LOW_RANK_METHODS, CompressionConfig, make_config
-from .engine import Stages, decode, encode, global_ranges, gram, left_multiply, right_multiply
-from .engine import sketch_matrix, tile_sumsq
+from .engine import (
+    Stages,
+    decode,
+    encode,
+    global_ranges,
+    gram,
+    left_multiply,
+    right_multiply,
+    sketch_matrix,
+    tile_sumsq,
+)
 from .errors import ParameterError
 from .inputs import InputMatrix
 from .linalg import gram_pinv, top_eigenvectors
@@ -55,8 +64,12 @@ def _too_small(budget, shape, cfg_min, what):
     return ParameterError(
         f"budget={budget} bits per entry is too small for {what}: the cheapest configuration "
         f"needs {need:.4f} bits per entry for a {shape[0]}×{shape[1]} matrix. Raise --budget "
-        "to at least that" + (", or use --method nq." if what != "nq" else " (or, for nq, set "
-                              "--group-size 0 for one scale per matrix).")
+        "to at least that"
+        + (
+            ", or use --method nq."
+            if what != "nq"
+            else " (or, for nq, set --group-size 0 for one scale per matrix)."
+        )
     )
 
 
@@ -97,8 +110,15 @@ def choose_config(
         raise ParameterError(f"budget={budget!r} must be a positive number of bits per entry.")
     stages = stages or Stages()
     shape = matrix.shape
-    kw = dict(method=method, shape=shape, group_size=group_size, seed=seed, rounding=rounding,
-              n_oversamples=n_oversamples, n_power_iter=n_power_iter)
+    kw = dict(
+        method=method,
+        shape=shape,
+        group_size=group_size,
+        seed=seed,
+        rounding=rounding,
+        n_oversamples=n_oversamples,
+        n_power_iter=n_power_iter,
+    )
 
     if method == "nq":
         choices = (bits_matrix,) if bits_matrix is not None else (16, *BIT_CHOICES[::-1])
@@ -106,8 +126,9 @@ def choose_config(
             cfg = make_config(rank=None, bits_matrix=b, **kw)
             if cfg.bits_per_entry(shape) <= budget:
                 return cfg
-        raise _too_small(budget, shape, make_config(rank=None, bits_matrix=min(choices), **kw),
-                         "nq")
+        raise _too_small(
+            budget, shape, make_config(rank=None, bits_matrix=min(choices), **kw), "nq"
+        )
     if method not in LOW_RANK_METHODS:
         make_config(rank=None, **kw)  # raises the unknown-method error
 
@@ -132,27 +153,50 @@ def choose_config(
     candidates = []
     for bm in matrix_bits:
         for bl, br in _candidate_grid(bits_left, bits_right):
-            m = min(cap, max_rank_for(shape, budget=budget, make=lambda r: make(r, bl, br, bm)))
+            m = min(cap, max_rank_for(shape, budget=budget, make=lambda r, bl=bl, br=br, bm=bm: make(r, bl, br, bm)))
             if m >= 1:
                 candidates.append((m, bl, br, bm))
     if not candidates:
         bm = matrix_bits[0]
-        raise _too_small(budget, shape, make(1, min(_candidate_grid(bits_left, bits_right))[0],
-                                             min(_candidate_grid(bits_left, bits_right))[1], bm),
-                         f"{method} at rank 1")
+        raise _too_small(
+            budget,
+            shape,
+            make(
+                1,
+                min(_candidate_grid(bits_left, bits_right))[0],
+                min(_candidate_grid(bits_left, bits_right))[1],
+                bm,
+            ),
+            f"{method} at rank 1",
+        )
     best = None
     table = []
     for bm in matrix_bits:
         group = [c for c in candidates if c[3] == bm]
         if not group:
             continue
-        errors = _estimate_errors(matrix, group, make, stages=stages, sample_cols=sample_cols,
-                                  seed=seed, method=method, n_power_iter=kw["n_power_iter"])
-        for cand, err in zip(group, errors):
+        errors = _estimate_errors(
+            matrix,
+            group,
+            make,
+            stages=stages,
+            sample_cols=sample_cols,
+            seed=seed,
+            method=method,
+            n_power_iter=kw["n_power_iter"],
+        )
+        for cand, err in zip(group, errors, strict=False):
             cfg = make(*cand)
-            table.append({"rank": cand[0], "bits_left": cand[1], "bits_right": cand[2],
-                          "bits_matrix": cand[3], "bits_per_entry": cfg.bits_per_entry(shape),
-                          "estimated_rel_error": err})
+            table.append(
+                {
+                    "rank": cand[0],
+                    "bits_left": cand[1],
+                    "bits_right": cand[2],
+                    "bits_matrix": cand[3],
+                    "bits_per_entry": cfg.bits_per_entry(shape),
+                    "estimated_rel_error": err,
+                }
+            )
             if best is None or err < best[0]:
                 best = (err, cfg)
     choose_config.last_table = table
@@ -186,7 +230,7 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
     from .api import _check_finite, _nq_residual, _orthonormalize, _times
 
     a = matrix.data
-    n, d = a.shape
+    _n, d = a.shape
     cfg0 = make(*candidates[0])
     k = max(c[0] for c in candidates)
     group = cfg0.right.group_size if cfg0.right.granularity == "group" else 128
@@ -199,12 +243,12 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
                 "method='nq+lplr' with a budget needs group-wise scales for Q(A); set "
                 "--group-size to a multiple of 8 (such as 128)."
             )
-        a = a.map_blocks(_nq_residual, spec=cfg0.matrix, lo=None, hi=None, seed=seed,
-                         dtype=a.dtype)
+        a = a.map_blocks(_nq_residual, spec=cfg0.matrix, lo=None, hi=None, seed=seed, dtype=a.dtype)
     sub = a[:, cols].rechunk({1: -1})
     s = sketch_matrix(d, k, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
-    y, sub, orig_sub, sumsq = stages.persist("search-sketch", right_multiply(a, s), sub,
-                                             orig_sub, tile_sumsq(a))
+    y, sub, orig_sub, sumsq = stages.persist(
+        "search-sketch", right_multiply(a, s), sub, orig_sub, tile_sumsq(a)
+    )
     _check_finite(np.asarray(sumsq.compute()), a, matrix.path or "array")
     for _ in range(n_power_iter or 0):
         q = _orthonormalize(y)

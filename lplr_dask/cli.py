@@ -38,22 +38,34 @@ def _progress_callback(enabled: bool):
 
 
 def _cluster_args(p):
-    p.add_argument("--cluster", default="local",
-                   help="'local' (a new LocalCluster, default), 'cuda' (LocalCUDACluster; GPU "
-                        "extra) or a scheduler ADDRESS such as tcp://127.0.0.1:8786")
+    p.add_argument(
+        "--cluster",
+        default="local",
+        help="'local' (a new LocalCluster, default), 'cuda' (LocalCUDACluster; GPU "
+        "extra) or a scheduler ADDRESS such as tcp://127.0.0.1:8786",
+    )
     p.add_argument("--workers", type=int, default=None, help="local cluster: worker processes")
     p.add_argument("--threads", type=int, default=None, help="local cluster: threads per worker")
     p.add_argument("--memory-limit", default="auto", help="local cluster: memory per worker")
-    p.add_argument("--progress", dest="progress", action="store_true", default=None,
-                   help="show progress bars on stderr (default: when stderr is a terminal)")
+    p.add_argument(
+        "--progress",
+        dest="progress",
+        action="store_true",
+        default=None,
+        help="show progress bars on stderr (default: when stderr is a terminal)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
 def _client(args):
     from .cluster import dask_client
 
-    return dask_client(args.cluster, n_workers=args.workers, threads_per_worker=args.threads,
-                       memory_limit=args.memory_limit)
+    return dask_client(
+        args.cluster,
+        n_workers=args.workers,
+        threads_per_worker=args.threads,
+        memory_limit=args.memory_limit,
+    )
 
 
 def _show_progress(args) -> bool:
@@ -68,14 +80,15 @@ def _emit(args, record: dict, lines: list[str]) -> None:
 
 
 def _summary_lines(r: dict) -> list[str]:
-    bits = (f"B={r['bits_left']} B'={r['bits_right']}" if r.get("rank") else "")
+    bits = f"B={r['bits_left']} B'={r['bits_right']}" if r.get("rank") else ""
     if r.get("bits_matrix"):
         bits = (bits + f" B_nq={r['bits_matrix']}").strip()
+    stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_seconds"].items())
     return [
         f"{r['method']}: {r['shape'][0]}×{r['shape'][1]} → rank {r.get('rank')} {bits}",
         f"  relative Frobenius error {r['rel_fro_error']:.6f}",
         f"  {r['bits_per_entry']:.4f} bits per entry, {r['stored_bytes']:,} bytes stored",
-        f"  {r['seconds']:.2f} s ({', '.join(f'{k} {v:.2f}' for k, v in r['stage_seconds'].items())})",
+        f"  {r['seconds']:.2f} s ({stages})",
     ]
 
 
@@ -86,16 +99,27 @@ def cmd_compress(args) -> int:
 
     # Fail fast, before a cluster starts, on the commonest mistakes.
     matrix = open_input(args.input)
-    check_output_path(args.output, overwrite=args.overwrite,
-                      inputs=[matrix.path] if matrix.path else ())
+    check_output_path(
+        args.output, overwrite=args.overwrite, inputs=[matrix.path] if matrix.path else ()
+    )
     with _client(args):
         res = compress(
-            args.input, args.output, method=args.method, rank=args.rank, budget=args.budget,
-            bits_left=args.bits_left, bits_right=args.bits_right, bits_matrix=args.bits_matrix,
-            group_size=args.group_size, n_oversamples=args.n_oversamples,
-            n_power_iter=args.n_power_iter, seed=args.seed, rounding=args.rounding,
+            args.input,
+            args.output,
+            method=args.method,
+            rank=args.rank,
+            budget=args.budget,
+            bits_left=args.bits_left,
+            bits_right=args.bits_right,
+            bits_matrix=args.bits_matrix,
+            group_size=args.group_size,
+            n_oversamples=args.n_oversamples,
+            n_power_iter=args.n_power_iter,
+            seed=args.seed,
+            rounding=args.rounding,
             block_shape=tuple(args.block_shape) if args.block_shape else None,
-            max_rank=args.max_rank, overwrite=args.overwrite,
+            max_rank=args.max_rank,
+            overwrite=args.overwrite,
             on_stage=_progress_callback(_show_progress(args)),
         )
     record = res.to_dict()
@@ -110,12 +134,15 @@ def cmd_info(args) -> int:
     cm = open_compressed(args.output)
     meta = dict(cm.meta)
     meta["bytes_on_disk"] = bytes_on_disk(args.output)
-    lines = _summary_lines(meta) + [
+    lines = [
+        *_summary_lines(meta),
         f"  source dtype {meta['source_dtype']}, seed {meta['seed']}, block {meta['block_shape']}",
-        *(f"  {name}: {spec['bits']}-bit {spec['granularity']}"
-          + (f"({spec['group_size']})" if spec.get("group_size") else "")
-          + (" symmetric" if spec["symmetric"] else " asymmetric")
-          for name, spec in meta["factors"].items()),
+        *(
+            f"  {name}: {spec['bits']}-bit {spec['granularity']}"
+            + (f"({spec['group_size']})" if spec.get("group_size") else "")
+            + (" symmetric" if spec["symmetric"] else " asymmetric")
+            for name, spec in meta["factors"].items()
+        ),
         f"  codes and scales on disk: {meta['bytes_on_disk']['arrays']:,} bytes "
         f"(+{meta['bytes_on_disk']['metadata']:,} bytes of metadata)",
     ]
@@ -140,10 +167,20 @@ def cmd_error(args) -> int:
     with _client(args):
         t0 = time.perf_counter()
         err = relative_error(args.input, cm)
-    record = {"rel_fro_error": err, "reported_rel_fro_error": cm.meta["rel_fro_error"],
-              "shape": list(cm.shape), "seconds": time.perf_counter() - t0}
-    _emit(args, record, [f"relative Frobenius error {err:.6f} (reported at compression: "
-                         f"{cm.meta['rel_fro_error']:.6f})"])
+    record = {
+        "rel_fro_error": err,
+        "reported_rel_fro_error": cm.meta["rel_fro_error"],
+        "shape": list(cm.shape),
+        "seconds": time.perf_counter() - t0,
+    }
+    _emit(
+        args,
+        record,
+        [
+            f"relative Frobenius error {err:.6f} (reported at compression: "
+            f"{cm.meta['rel_fro_error']:.6f})"
+        ],
+    )
     return 0
 
 
@@ -160,24 +197,43 @@ def cmd_demo(args) -> int:
             t0 = time.perf_counter()
             src = workdir / "A.zarr"
             if not src.exists():
-                print(f"generating a {n}×{d} float32 low-rank-plus-noise matrix "
-                      f"({n * d / 1e6:.0f} M entries) at {src} ...", file=sys.stderr)
-                low_rank_plus_noise(src, (n, d), rank=args.true_rank, noise=args.noise, seed=args.seed)
+                print(
+                    f"generating a {n}×{d} float32 low-rank-plus-noise matrix "
+                    f"({n * d / 1e6:.0f} M entries) at {src} ...",
+                    file=sys.stderr,
+                )
+                low_rank_plus_noise(
+                    src, (n, d), rank=args.true_rank, noise=args.noise, seed=args.seed
+                )
             gen = time.perf_counter() - t0
             for method in ("lplr", "paper", "nq"):
-                print(f"compressing with {method} at {args.budget} bits per entry ...", file=sys.stderr)
-                res = compress(src, workdir / f"{method}.zarr", method=method, budget=args.budget,
-                               seed=args.seed, overwrite=True,
-                               on_stage=_progress_callback(_show_progress(args)))
+                print(
+                    f"compressing with {method} at {args.budget} bits per entry ...",
+                    file=sys.stderr,
+                )
+                res = compress(
+                    src,
+                    workdir / f"{method}.zarr",
+                    method=method,
+                    budget=args.budget,
+                    seed=args.seed,
+                    overwrite=True,
+                    on_stage=_progress_callback(_show_progress(args)),
+                )
                 rows.append(res.to_dict())
-        lines = [f"{n}×{d} float32 (true rank {args.true_rank}, {args.noise:.0%} noise), "
-                 f"budget {args.budget} bits per entry; generated in {gen:.1f} s", "",
-                 f"{'method':8} {'rank':>5} {'B':>3} {'B′':>3} {'bits/entry':>11} "
-                 f"{'rel. error':>11} {'seconds':>8}"]
+        lines = [
+            f"{n}×{d} float32 (true rank {args.true_rank}, {args.noise:.0%} noise), "
+            f"budget {args.budget} bits per entry; generated in {gen:.1f} s",
+            "",
+            f"{'method':8} {'rank':>5} {'B':>3} {'B′':>3} {'bits/entry':>11} "
+            f"{'rel. error':>11} {'seconds':>8}",
+        ]
         for r in rows:
             bl = r["bits_left"] or r["bits_matrix"]
-            lines.append(f"{r['method']:8} {r['rank'] or '-':>5} {bl:>3} {r['bits_right'] or '-':>3} "
-                         f"{r['bits_per_entry']:>11.4f} {r['rel_fro_error']:>11.4f} {r['seconds']:>8.1f}")
+            lines.append(
+                f"{r['method']:8} {r['rank'] or '-':>5} {bl:>3} {r['bits_right'] or '-':>3} "
+                f"{r['bits_per_entry']:>11.4f} {r['rel_fro_error']:>11.4f} {r['seconds']:>8.1f}"
+            )
         _emit(args, {"shape": [n, d], "budget": args.budget, "results": rows}, lines)
     finally:
         if not args.keep and not args.workdir:
@@ -187,7 +243,8 @@ def cmd_demo(args) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="lplr", description="Low-rank, low-precision compression of large matrices on Dask.")
+        prog="lplr", description="Low-rank, low-precision compression of large matrices on Dask."
+    )
     parser.add_argument("--version", action="version", version=f"lplr-dask {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -196,21 +253,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output", help="new Zarr group for the compressed factors")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--rank", type=int, help="m, the inner dimension of L·R")
-    size.add_argument("--budget", type=float, metavar="BITS_PER_ENTRY",
-                      help="choose rank and bits for the lowest error within this budget")
+    size.add_argument(
+        "--budget",
+        type=float,
+        metavar="BITS_PER_ENTRY",
+        help="choose rank and bits for the lowest error within this budget",
+    )
     p.add_argument("--bits-left", type=int, help="B: bits per entry of L (1-8, or 16)")
     p.add_argument("--bits-right", type=int, help="B': bits per entry of R (1-8, or 16)")
     p.add_argument("--bits-matrix", type=int, help="bits per entry of Q(A) for nq, nq+lplr")
-    p.add_argument("--method", default="lplr",
-                   choices=["lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr"])
+    p.add_argument(
+        "--method", default="lplr", choices=["lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr"]
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--group-size", type=int, default=128,
-                   help="entries per scale along rows of R (nq: of A); 0 = one per row (nq: per matrix)")
+    p.add_argument(
+        "--group-size",
+        type=int,
+        default=128,
+        help="entries per scale along rows of R (nq: of A); 0 = one per row (nq: per matrix)",
+    )
     p.add_argument("--n-oversamples", type=int, default=0)
     p.add_argument("--n-power-iter", type=int, default=None)
     p.add_argument("--rounding", choices=["nearest", "stochastic"], default="nearest")
-    p.add_argument("--block-shape", type=int, nargs=2, metavar=("ROWS", "COLS"),
-                   help="canonical block grid of the computation (default 4096 4096)")
+    p.add_argument(
+        "--block-shape",
+        type=int,
+        nargs=2,
+        metavar=("ROWS", "COLS"),
+        help="canonical block grid of the computation (default 4096 4096)",
+    )
     p.add_argument("--max-rank", type=int, default=512, help="largest rank --budget considers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")

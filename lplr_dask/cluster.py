@@ -1,4 +1,4 @@
-"""Cluster set-up: one code path for a local cluster, a local CUDA cluster or a scheduler address."""
+"""Cluster set-up: one code path for a local cluster, a local CUDA cluster or an address."""
 
 from __future__ import annotations
 
@@ -65,7 +65,10 @@ def dask_client(
                 "--cluster local."
             ) from exc
         kwargs = {} if memory_limit in (None, "auto") else {"memory_limit": memory_limit}
-        with LocalCUDACluster(dashboard_address=dashboard_address, **kwargs) as lc, Client(lc) as client:
+        with (
+            LocalCUDACluster(dashboard_address=dashboard_address, **kwargs) as lc,
+            Client(lc) as client,
+        ):
             yield client
     else:
         address = cluster if "://" in cluster else f"tcp://{cluster}"

@@ -47,10 +47,26 @@ def low_rank_plus_noise(
     s = decay ** np.arange(rank, dtype=np.float64)
     signal2 = float(np.sum(s**2))
     # noise fraction f of ‖A‖_F: σ²·n·d = f²/(1−f²) · ‖signal‖²
-    sigma = float(np.sqrt(noise**2 / max(1 - noise**2, 1e-12) * signal2 / (n * d))) if noise else 0.0
-    lazy = da.map_blocks(_tile, chunks=da.core.normalize_chunks(chunks, shape), dtype=np.float32,
-                         seed=seed, singular_values=s, noise=sigma, n=n, d=d, meta=np.empty((0, 0), np.float32))
-    arr = zarr.create_array(str(path), shape=shape, chunks=tuple(min(c, s_) for c, s_ in zip(chunks, shape)),
-                            dtype="float32", overwrite=False)
+    sigma = (
+        float(np.sqrt(noise**2 / max(1 - noise**2, 1e-12) * signal2 / (n * d))) if noise else 0.0
+    )
+    lazy = da.map_blocks(
+        _tile,
+        chunks=da.core.normalize_chunks(chunks, shape),
+        dtype=np.float32,
+        seed=seed,
+        singular_values=s,
+        noise=sigma,
+        n=n,
+        d=d,
+        meta=np.empty((0, 0), np.float32),
+    )
+    arr = zarr.create_array(
+        str(path),
+        shape=shape,
+        chunks=tuple(min(c, s_) for c, s_ in zip(chunks, shape, strict=False)),
+        dtype="float32",
+        overwrite=False,
+    )
     lazy.to_zarr(arr)
     return arr

@@ -22,15 +22,11 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from ._array import array_namespace, asarray_like, to_numpy
-from .errors import NonFiniteInputError, ParameterError
-from .linalg import gram_pinv, top_eigenvectors
-from .packing import encode_float, decode_float
+from .packing import decode_float, encode_float
 from .quantize import QuantizerSpec, block_range, dequantize, merge_ranges, quantize
 from .random import (
     STREAM_DITHER_LEFT,
-    STREAM_DITHER_MATRIX,
     STREAM_DITHER_RIGHT,
-    STREAM_LPLR_SVD_MIX,
     block_generator,
     sketch_rows,
 )
@@ -115,8 +111,13 @@ def sketch_matrix(d: int, k: int, *, seed: int, row_chunks, dtype, meta=None) ->
         for j in range(len(row_chunks))
     }
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
-    return da.Array(graph, name, chunks=(tuple(row_chunks), (k,)), dtype=dtype,
-                    meta=asarray_like(np.empty((0, 0), dtype=dtype), like))
+    return da.Array(
+        graph,
+        name,
+        chunks=(tuple(row_chunks), (k,)),
+        dtype=dtype,
+        meta=asarray_like(np.empty((0, 0), dtype=dtype), like),
+    )
 
 
 def _mm_partial(a, b):
@@ -135,15 +136,33 @@ def right_multiply(a: da.Array, b: da.Array) -> da.Array:
 
     One pass over ``a``; the sum over column blocks is a fixed tree (``split_every=8``).
     """
-    part = da.blockwise(_mm_partial, "ijk", a, "ij", b, "jk", dtype=np.float64,
-                        adjust_chunks={"j": 1}, concatenate=False)
+    part = da.blockwise(
+        _mm_partial,
+        "ijk",
+        a,
+        "ij",
+        b,
+        "jk",
+        dtype=np.float64,
+        adjust_chunks={"j": 1},
+        concatenate=False,
+    )
     return part.sum(axis=1, split_every=8)
 
 
 def left_multiply(a: da.Array, left: da.Array) -> da.Array:
     """``leftᵀ @ a`` for left (n × k, blocks I × 1): k × d, float64, one pass over ``a``."""
-    part = da.blockwise(_tmm_partial, "kij", left, "ik", a, "ij", dtype=np.float64,
-                        adjust_chunks={"i": 1}, concatenate=False)
+    part = da.blockwise(
+        _tmm_partial,
+        "kij",
+        left,
+        "ik",
+        a,
+        "ij",
+        dtype=np.float64,
+        adjust_chunks={"i": 1},
+        concatenate=False,
+    )
     return part.sum(axis=1, split_every=8)
 
 
@@ -154,8 +173,9 @@ def _sumsq(block):
 
 def tile_sumsq(a: da.Array) -> da.Array:
     """Per-block Σ a² (float64), an I × J array; NaN/Inf in a block make its entry non-finite."""
-    return a.map_blocks(_sumsq, chunks=((1,) * a.numblocks[0], (1,) * a.numblocks[1]),
-                        dtype=np.float64)
+    return a.map_blocks(
+        _sumsq, chunks=((1,) * a.numblocks[0], (1,) * a.numblocks[1]), dtype=np.float64
+    )
 
 
 def gram(x: da.Array) -> da.Array:
@@ -171,7 +191,9 @@ def _range_of(block, spec):
 def global_ranges(x: da.Array, spec: QuantizerSpec, stages: Stages, name: str):
     """Ranges of groups that span blocks (``tensor``, ``column`` over row blocks, ``row`` over
     column blocks): per-block partial ranges, merged on the driver. Output is float32."""
-    parts = stages.compute(name, *[dask.delayed(_range_of)(b, spec) for b in x.to_delayed().ravel()])
+    parts = stages.compute(
+        name, *[dask.delayed(_range_of)(b, spec) for b in x.to_delayed().ravel()]
+    )
     lo, hi = parts[0]
     for p in parts[1:]:
         lo, hi = merge_ranges((lo, hi), p)
@@ -223,8 +245,17 @@ def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype,
     if not spec.is_float and spec.granularity in ("tensor", "column"):
         lo, hi = global_ranges(x, spec, stages, "basis-ranges")
         writer.write_ranges(lo, hi)
-    lhat = x.map_blocks(_quantize_rows_block, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, out_dtype=dtype,
-                        dtype=dtype, meta=asarray_like(np.empty((0, 0), dtype=dtype), x._meta))
+    lhat = x.map_blocks(
+        _quantize_rows_block,
+        spec=spec,
+        lo=lo,
+        hi=hi,
+        seed=seed,
+        writer=writer,
+        out_dtype=dtype,
+        dtype=dtype,
+        meta=asarray_like(np.empty((0, 0), dtype=dtype), x._meta),
+    )
     (lhat,) = stages.persist("quantize-basis", lhat)
     (g,) = stages.compute("quantize-basis", gram(lhat))
     return lhat, to_numpy(g)
@@ -234,7 +265,7 @@ def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype,
 
 
 def _panel_values(p, extra, *, coef, mode):
-    xp = array_namespace(p)
+    array_namespace(p)
     c = asarray_like(coef, p)
     return c @ (extra if mode == "given" else p)
 
@@ -255,9 +286,19 @@ def _panel_finish(p, extra, *, coef, mode, spec, lo, hi, seed, writer, gram_, bl
     return to_numpy(stats).reshape(1, 2)
 
 
-def project_and_quantize(a: da.Array, lhat: da.Array, g: np.ndarray, spec: QuantizerSpec, writer,
-                         *, seed: int, stages: Stages, coef: np.ndarray, mode: str = "lstsq",
-                         given: da.Array | None = None):
+def project_and_quantize(
+    a: da.Array,
+    lhat: da.Array,
+    g: np.ndarray,
+    spec: QuantizerSpec,
+    writer,
+    *,
+    seed: int,
+    stages: Stages,
+    coef: np.ndarray,
+    mode: str = "lstsq",
+    given: da.Array | None = None,
+):
     """The projection pass: P_j = L̂ᵀA_j per column panel, R_j = coef @ P_j (``mode="lstsq"``,
     coef = G⁺) or R_j = coef @ given_j (``mode="given"``), re-quantized and written where it is
     computed. Returns (⟨R̂, P⟩, ⟨R̂, G R̂⟩) in float64 for the exact error.
@@ -277,8 +318,18 @@ def project_and_quantize(a: da.Array, lhat: da.Array, g: np.ndarray, spec: Quant
         lo, hi = global_ranges(r_float, spec, stages, "right-ranges")
         writer.write_ranges(lo, hi)
     stats = da.map_blocks(
-        _panel_finish, p, extra, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, gram_=g,
-        chunks=((1,), (2,) * p.numblocks[1]), dtype=np.float64, **kw,
+        _panel_finish,
+        p,
+        extra,
+        spec=spec,
+        lo=lo,
+        hi=hi,
+        seed=seed,
+        writer=writer,
+        gram_=g,
+        chunks=((1,), (2,) * p.numblocks[1]),
+        dtype=np.float64,
+        **kw,
     )
     (s,) = stages.compute("project" if lo is None else "requantize", stats)
     s = s.reshape(-1, 2).sum(axis=0)

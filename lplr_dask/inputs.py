@@ -114,7 +114,9 @@ def open_input(source, *, block_shape=None, group_size: int | None = None) -> In
             f"INPUT must be a 2-D matrix, got shape {shape}. Reshape it to (rows, columns) first."
         )
     if min(shape) < 2:
-        raise InputError(f"INPUT has shape {shape}; a factorization needs at least 2 rows and 2 columns.")
+        raise InputError(
+            f"INPUT has shape {shape}; a factorization needs at least 2 rows and 2 columns."
+        )
     if dtype.name not in ACCEPTED_DTYPES:
         raise InputError(
             f"INPUT has dtype {dtype}; accepted dtypes are {', '.join(ACCEPTED_DTYPES)}. "
@@ -134,5 +136,6 @@ def open_input(source, *, block_shape=None, group_size: int | None = None) -> In
         data = data.astype(compute)
     if data.chunksize != block or any(len(set(c[:-1])) > 1 for c in data.chunks):
         data = data.rechunk(block, method="tasks")
-    return InputMatrix(data=data, source_dtype=dtype.name, path=str(path) if path else None,
-                       block_shape=block)
+    return InputMatrix(
+        data=data, source_dtype=dtype.name, path=str(path) if path else None, block_shape=block
+    )

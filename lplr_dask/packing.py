@@ -16,7 +16,14 @@ import numpy as np
 from ._array import array_namespace
 from .errors import ParameterError
 
-__all__ = ["BIT_ORDER", "decode_float", "encode_float", "pack_codes", "packed_width", "unpack_codes"]
+__all__ = [
+    "BIT_ORDER",
+    "decode_float",
+    "encode_float",
+    "pack_codes",
+    "packed_width",
+    "unpack_codes",
+]
 
 BIT_ORDER = "lsb-first-rows"
 

@@ -229,7 +229,9 @@ def quantize(x, lo, hi, *, spec: QuantizerSpec, rng: np.random.Generator | None 
     codes : uint8 array of shape (rows, cols)
     """
     if spec.is_float:
-        raise ParameterError("quantize() makes integer codes; 16-bit values use packing.encode_float.")
+        raise ParameterError(
+            "quantize() makes integer codes; 16-bit values use packing.encode_float."
+        )
     xp = array_namespace(x)
     shape = x.shape
     lo = expand_range(lo, shape, spec=spec)

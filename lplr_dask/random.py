@@ -37,7 +37,9 @@ STREAM_LPLR_SVD_MIX = 4
 
 def block_generator(seed: int, stream: int, *key: int) -> np.random.Generator:
     """An independent generator for ``(seed, stream, *key)``."""
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(stream, *key))))
+    return np.random.Generator(
+        np.random.PCG64(np.random.SeedSequence(seed, spawn_key=(stream, *key)))
+    )
 
 
 def sketch_rows(seed: int, start: int, stop: int, n_cols: int, *, dtype=np.float32) -> np.ndarray:
@@ -50,7 +52,9 @@ def sketch_rows(seed: int, start: int, stop: int, n_cols: int, *, dtype=np.float
         return np.zeros((0, n_cols), dtype=dtype)
     first, last = start // SEED_BLOCK, -(-stop // SEED_BLOCK)
     parts = [
-        block_generator(seed, STREAM_SKETCH, b).standard_normal((n_cols, SEED_BLOCK), dtype=np.float32).T
+        block_generator(seed, STREAM_SKETCH, b)
+        .standard_normal((n_cols, SEED_BLOCK), dtype=np.float32)
+        .T
         for b in range(first, last)
     ]
     block = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]

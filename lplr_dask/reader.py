@@ -42,8 +42,10 @@ class CompressedMatrix:
 
     def __repr__(self):
         m = self.meta
-        return (f"CompressedMatrix({self.path!r}, shape={self.shape}, method={m['method']!r}, "
-                f"rank={m['rank']}, bits_per_entry={m['bits_per_entry']:.4f})")
+        return (
+            f"CompressedMatrix({self.path!r}, shape={self.shape}, method={m['method']!r}, "
+            f"rank={m['rank']}, bits_per_entry={m['bits_per_entry']:.4f})"
+        )
 
     def has(self, name: str) -> bool:
         return name in self.meta["factors"]
@@ -63,11 +65,20 @@ class CompressedMatrix:
         ccol = min(ccol, shape[1])
         rows = _chunks(shape[0], crow)
         cols = _chunks(shape[1], ccol)
-        name_ = f"lplr-factor-{name}-" + tokenize(fpath, os.path.getmtime(os.path.join(fpath, "zarr.json")), dtype)
+        name_ = f"lplr-factor-{name}-" + tokenize(
+            fpath, os.path.getmtime(os.path.join(fpath, "zarr.json")), dtype
+        )
         r_b, c_b = np.cumsum((0, *rows)), np.cumsum((0, *cols))
         dsk = {
-            (name_, i, j): (read_factor_block, fpath, spec, shape, slice(int(r_b[i]), int(r_b[i + 1])),
-                            slice(int(c_b[j]), int(c_b[j + 1])), dtype)
+            (name_, i, j): (
+                read_factor_block,
+                fpath,
+                spec,
+                shape,
+                slice(int(r_b[i]), int(r_b[i + 1])),
+                slice(int(c_b[j]), int(c_b[j + 1])),
+                dtype,
+            )
             for i in range(len(rows))
             for j in range(len(cols))
         }

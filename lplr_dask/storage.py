@@ -156,8 +156,14 @@ def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> 
     rows, cols = shape
     crow, ccol = min(chunks[0], rows), min(chunks[1], cols)
     if spec.is_float:
-        group.create_array("codes", shape=(rows, cols), chunks=(crow, ccol), dtype="uint16",
-                           compressors=None, fill_value=0)
+        group.create_array(
+            "codes",
+            shape=(rows, cols),
+            chunks=(crow, ccol),
+            dtype="uint16",
+            compressors=None,
+            fill_value=0,
+        )
     else:
         group.create_array(
             "codes",
@@ -175,15 +181,25 @@ def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> 
             "group": (crow, -(-ccol // (spec.group_size or 1))),
         }[spec.granularity]
         for part in ("hi",) if spec.symmetric else ("hi", "lo"):
-            group.create_array(part, shape=rshape, chunks=rchunks, dtype="float32",
-                               compressors=None, fill_value=0.0)
+            group.create_array(
+                part,
+                shape=rshape,
+                chunks=rchunks,
+                dtype="float32",
+                compressors=None,
+                fill_value=0.0,
+            )
     return FactorWriter(str(root / name), (rows, cols), spec, (crow, ccol))
 
 
 def write_metadata(root: Path, meta: dict) -> None:
     group = zarr.open_group(str(root), mode="a")
-    group.attrs["lplr_dask"] = {"format": FORMAT_NAME, "format_version": FORMAT_VERSION,
-                                "bit_order": BIT_ORDER, **meta}
+    group.attrs["lplr_dask"] = {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "bit_order": BIT_ORDER,
+        **meta,
+    }
 
 
 def read_metadata(path) -> dict:
@@ -211,8 +227,9 @@ def read_metadata(path) -> dict:
     return meta
 
 
-def read_factor_block(path: str, spec: QuantizerSpec, shape, rows: slice, cols: slice,
-                      dtype=np.float32):
+def read_factor_block(
+    path: str, spec: QuantizerSpec, shape, rows: slice, cols: slice, dtype=np.float32
+):
     """Dequantized values of ``factor[rows, cols]`` read from the factor group at ``path``.
 
     ``cols.start`` must be a multiple of 8 (whole packed bytes) and, for group-wise ranges, of

@@ -55,8 +55,14 @@ def cluster():
     """A real LocalCluster of two single-threaded worker processes on 127.0.0.1."""
     from distributed import LocalCluster
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=":0", memory_limit="2GiB") as lc:
+    with LocalCluster(
+        n_workers=2,
+        threads_per_worker=1,
+        processes=True,
+        host="127.0.0.1",
+        dashboard_address=":0",
+        memory_limit="2GiB",
+    ) as lc:
         yield lc
 
 

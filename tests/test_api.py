@@ -1,4 +1,4 @@
-"""End-to-end tests of lplr_dask.compress on real Zarr stores: error, bound, determinism, storage."""
+"""lplr_dask.compress end to end on real Zarr stores: error, bound, determinism, storage."""
 
 from __future__ import annotations
 
@@ -68,8 +68,15 @@ def test_lplr_within_paper_bound_on_known_spectrum(tmp_path, bits):
     bound = np.sqrt(1 + k / (m - k - 1)) * opt_k
     src = write_zarr(tmp_path / "A.zarr", a, (300, 256))
     errs = [
-        compress(src, tmp_path / f"o{seed}.zarr", rank=m, bits_left=bits, bits_right=bits,
-                 seed=seed, block_shape=BLOCK).rel_fro_error
+        compress(
+            src,
+            tmp_path / f"o{seed}.zarr",
+            rank=m,
+            bits_left=bits,
+            bits_right=bits,
+            seed=seed,
+            block_shape=BLOCK,
+        ).rel_fro_error
         for seed in range(10)
     ]
     assert max(errs) <= bound
@@ -109,8 +116,16 @@ def test_same_seed_same_codes_for_any_worker_count(tmp_path, decaying, cluster):
     threaded = _digest_for(tmp_path, decaying, (300, 256), "w0", seed=3)
     with Client(cluster):
         on_two = _digest_for(tmp_path, decaying, (300, 256), "w2", seed=3)
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, host="127.0.0.1",
-                      dashboard_address=":0") as lc, Client(lc):
+    with (
+        LocalCluster(
+            n_workers=1,
+            threads_per_worker=1,
+            processes=True,
+            host="127.0.0.1",
+            dashboard_address=":0",
+        ) as lc,
+        Client(lc),
+    ):
         on_one = _digest_for(tmp_path, decaying, (300, 256), "w1", seed=3)
     assert threaded == on_two == on_one
 
@@ -143,7 +158,10 @@ def test_budget_is_respected_and_search_is_exact_on_small_inputs(tmp_path, decay
     table = choose_config.last_table
     best = min(table, key=lambda r: r["estimated_rel_error"])
     assert (best["rank"], best["bits_left"], best["bits_right"]) == (
-        res.rank, res.bits_left, res.bits_right)
+        res.rank,
+        res.bits_left,
+        res.bits_right,
+    )
     # d = 700 ≤ the 2048-column sample, so the estimate covers every column; it differs from
     # the final run only because the search takes the first m columns of a K-column QR where
     # the run factors the m-column sketch itself (same span, other rounding): measured 4e-4.
@@ -152,7 +170,7 @@ def test_budget_is_respected_and_search_is_exact_on_small_inputs(tmp_path, decay
 
 
 def test_budget_too_small_names_the_minimum(tmp_path, decaying_zarr):
-    with pytest.raises(ParameterError, match="too small.*needs"):
+    with pytest.raises(ParameterError, match=r"too small.*needs"):
         compress(decaying_zarr, tmp_path / "o.zarr", budget=0.001)
     assert not (tmp_path / "o.zarr").exists()
 
@@ -208,7 +226,10 @@ def test_output_inside_input_is_refused(tmp_path, decaying_zarr):
         (lambda p: None, "does not exist"),
         (lambda p: p.write_text("hello"), "not a readable Zarr"),
         (lambda p: write_zarr(p, np.zeros((4, 5, 6), np.float32), (4, 5, 6)), "2-D"),
-        (lambda p: write_zarr(p, np.zeros((40, 50), np.int32), (40, 50)), "float16, float32, float64"),
+        (
+            lambda p: write_zarr(p, np.zeros((40, 50), np.int32), (40, 50)),
+            "float16, float32, float64",
+        ),
         (lambda p: write_zarr(p, np.zeros((40, 50), np.complex64), (40, 50)), "complex"),
         (lambda p: write_zarr(p, np.zeros((1, 50), np.float32), (1, 50)), "at least 2 rows"),
     ],

@@ -11,12 +11,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
-from conftest import write_zarr
 
 from lplr_dask.cli import main
 
-REQUIRED = {"shape", "method", "rank", "bits_left", "bits_right", "rel_fro_error",
-            "bits_per_entry", "stored_bytes", "seconds"}
+REQUIRED = {
+    "shape",
+    "method",
+    "rank",
+    "bits_left",
+    "bits_right",
+    "rel_fro_error",
+    "bits_per_entry",
+    "stored_bytes",
+    "seconds",
+}
 
 
 @pytest.fixture
@@ -32,9 +40,24 @@ def run(capsys, *argv):
 
 def test_compress_info_error_decompress(tmp_path, capsys, decaying_zarr, decaying, address):
     out = tmp_path / "c.zarr"
-    code, stdout, _ = run(capsys, "compress", decaying_zarr, out, "--rank", 12, "--bits-left", 4,
-                          "--bits-right", 4, "--block-shape", 256, 128, "--cluster", address,
-                          "--json")
+    code, stdout, _ = run(
+        capsys,
+        "compress",
+        decaying_zarr,
+        out,
+        "--rank",
+        12,
+        "--bits-left",
+        4,
+        "--bits-right",
+        4,
+        "--block-shape",
+        256,
+        128,
+        "--cluster",
+        address,
+        "--json",
+    )
     assert code == 0
     record = json.loads(stdout.strip().splitlines()[-1])
     assert REQUIRED <= record.keys()
@@ -67,8 +90,10 @@ def test_compress_info_error_decompress(tmp_path, capsys, decaying_zarr, decayin
         (["compress", "{src}", "{tmp}/o.zarr", "--rank", "4", "--bits-left", "9"], "bits_left=9"),
         (["compress", "{src}", "{tmp}/o.zarr", "--budget", "0.0001"], "too small"),
         (["compress", "{src}", "{src}/inner.zarr", "--rank", "4"], "overlaps INPUT"),
-        (["compress", "{src}", "{tmp}/o.zarr", "--cluster", "127.0.0.1:1", "--rank", "4"],
-         "Cannot reach a Dask scheduler"),
+        (
+            ["compress", "{src}", "{tmp}/o.zarr", "--cluster", "127.0.0.1:1", "--rank", "4"],
+            "Cannot reach a Dask scheduler",
+        ),
         (["info", "{src}"], "not an lplr-dask result"),
     ],
     ids=["missing", "rank", "bits", "budget", "inside", "scheduler", "info-not-ours"],
@@ -77,7 +102,7 @@ def test_user_errors_are_one_paragraph(tmp_path, capsys, decaying_zarr, address,
     argv = [a.format(tmp=tmp_path, src=decaying_zarr) for a in argv]
     if argv[0] == "compress" and "--cluster" not in argv:
         argv += ["--cluster", address]
-    code, stdout, stderr = run(capsys, *argv)
+    code, _stdout, stderr = run(capsys, *argv)
     assert code == 2
     assert message in stderr and "Traceback" not in stderr
     assert stderr.startswith(f"lplr {argv[0]}: error:")
@@ -99,9 +124,25 @@ def test_console_script_and_demo(tmp_path):
     exe = str(beside) if beside.exists() else shutil.which("lplr")
     assert exe, "the `lplr` console script is not installed (pip install -e .)"
     proc = subprocess.run(
-        [exe, "demo", "--shape", "1024", "512", "--budget", "2", "--workdir", str(tmp_path),
-         "--workers", "1", "--json", "--no-progress"],
-        capture_output=True, text=True, timeout=300, check=False,
+        [
+            exe,
+            "demo",
+            "--shape",
+            "1024",
+            "512",
+            "--budget",
+            "2",
+            "--workdir",
+            str(tmp_path),
+            "--workers",
+            "1",
+            "--json",
+            "--no-progress",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     record = json.loads(proc.stdout.strip().splitlines()[-1])

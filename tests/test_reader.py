@@ -46,8 +46,9 @@ def test_matvec_never_forms_a(compressed, decaying):
 
 def test_nq_plus_lplr_reconstruction_adds_both_parts(tmp_path, decaying_zarr, decaying):
     out = tmp_path / "c.zarr"
-    res = compress(decaying_zarr, out, method="nq+lplr", rank=8, bits_matrix=2,
-                   block_shape=(256, 128))
+    res = compress(
+        decaying_zarr, out, method="nq+lplr", rank=8, bits_matrix=2, block_shape=(256, 128)
+    )
     cm = open_compressed(out)
     assert cm.has("Q") and cm.has("L")
     dense = cm.to_dask().compute()
@@ -59,8 +60,9 @@ def test_decompress_writes_dense_zarr_and_refuses_existing(tmp_path, compressed)
     import zarr
 
     dest = decompress(compressed, tmp_path / "d.zarr")
-    np.testing.assert_allclose(zarr.open_array(dest, mode="r")[:],
-                               compressed.to_dask().compute(), rtol=1e-6)
+    np.testing.assert_allclose(
+        zarr.open_array(dest, mode="r")[:], compressed.to_dask().compute(), rtol=1e-6
+    )
     from lplr_dask import OutputExistsError
 
     with pytest.raises(OutputExistsError):
@@ -68,7 +70,7 @@ def test_decompress_writes_dense_zarr_and_refuses_existing(tmp_path, compressed)
 
 
 def test_format_checks(tmp_path, compressed):
-    with pytest.raises(StorageFormatError, match="no zarr.json"):
+    with pytest.raises(StorageFormatError, match=r"no zarr\.json"):
         open_compressed(tmp_path)
     meta_file = tmp_path / "c.zarr" / "zarr.json"
     doc = json.loads(meta_file.read_text())
