@@ -20,6 +20,8 @@ largest bit width that fits.
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 
 from .api import LOW_RANK_METHODS, CompressionConfig, make_config
@@ -153,7 +155,8 @@ def choose_config(
     candidates = []
     for bm in matrix_bits:
         for bl, br in _candidate_grid(bits_left, bits_right):
-            m = min(cap, max_rank_for(shape, budget=budget, make=lambda r, bl=bl, br=br, bm=bm: make(r, bl, br, bm)))
+            fit = max_rank_for(shape, budget=budget, make=partial(make, bl=bl, br=br, bm=bm))
+            m = min(cap, fit)
             if m >= 1:
                 candidates.append((m, bl, br, bm))
     if not candidates:
