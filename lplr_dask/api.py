@@ -11,7 +11,7 @@ import numpy as np
 import zarr
 
 from . import __version__
-from ._array import array_namespace, asarray_like
+from ._array import array_namespace, asarray_like, to_numpy
 from .engine import (
     StageCallback,
     Stages,
@@ -271,7 +271,7 @@ def _nq_write_stats(a, *, spec, lo, hi, seed, writer, block_info=None):
     xp = array_namespace(a)
     a64 = a.astype(np.float64)
     stats = xp.stack([xp.sum(a64 * a64), xp.sum(xp.square(a64 - ahat.astype(np.float64)))])
-    return np.asarray(stats.get() if hasattr(stats, "get") else stats).reshape(1, 2)
+    return to_numpy(stats).reshape(1, 2)
 
 
 def _nq_residual(a, *, spec, lo, hi, seed, block_info=None):
@@ -316,7 +316,7 @@ def _run_low_rank(
         k = min(k, min(n, d))
     s = sketch_matrix(d, k, seed=cfg.seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
     y, sumsq, *extra = stages.persist("sketch", right_multiply(a, s), tile_sumsq(a), *extra_sketch)
-    sumsq = np.asarray(sumsq.compute())
+    sumsq = to_numpy(sumsq.compute())
     _check_finite(sumsq, a, source)  # before any factorization sees a NaN
     for _ in range(cfg.n_power_iter):
         q = _orthonormalize(y)
@@ -333,7 +333,7 @@ def _run_low_rank(
             b = left_multiply(a, q)
             (b,) = stages.persist("truncate", b)
             (bbt,) = stages.compute("truncate", gram(b.T))
-            u, w = top_eigenvectors(np.asarray(bbt), cfg.rank)
+            u, w = top_eigenvectors(to_numpy(bbt), cfg.rank)
             if cfg.method == "dsvd":
                 coef, mode, given = u.T, "given", b  # R = Σ_k V_kᵀ = U_bᵀ B
             elif cfg.method == "lplr-svd":
@@ -512,22 +512,22 @@ def _execute(matrix: InputMatrix, cfg: CompressionConfig, root: Path, stages: St
         stats, _, _ = _quantize_matrix(a, cfg.matrix, root, stages, cfg.seed)
         if stats is None:
             (sumsq,) = stages.compute("check", tile_sumsq(a))
-            _check_finite(np.asarray(sumsq), a, src)
+            _check_finite(to_numpy(sumsq), a, src)
         (s,) = stages.compute("quantize-matrix", stats)
-        s = np.asarray(s).reshape(a.numblocks[0], a.numblocks[1], 2)
+        s = to_numpy(s).reshape(a.numblocks[0], a.numblocks[1], 2)
         _check_finite(s[..., 0], a, src)
         return float(np.sqrt(s[..., 1].sum() / s[..., 0].sum())) if s[..., 0].sum() > 0 else 0.0
     if cfg.method == "nq+lplr":
         stats, residual, _ = _quantize_matrix(a, cfg.matrix, root, stages, cfg.seed)
         if stats is None:
             (sumsq,) = stages.compute("check", tile_sumsq(a))
-            _check_finite(np.asarray(sumsq), a, src)
+            _check_finite(to_numpy(sumsq), a, src)
         # The residual pass re-quantizes each tile (cheap next to the GEMM); Q(A)'s codes are
         # written during the sketch pass, which reads each tile once for both.
         res2, rp, rgr, _, (s,) = _run_low_rank(
             residual, cfg, root, stages, src, extra_sketch=(stats,)
         )
-        s = np.asarray(s.compute()).reshape(a.numblocks[0], a.numblocks[1], 2)
+        s = to_numpy(s.compute()).reshape(a.numblocks[0], a.numblocks[1], 2)
         _check_finite(s[..., 0], a, src)
         norm2 = float(s[..., 0].sum())
         err2 = max(res2 - 2 * rp + rgr, 0.0)

@@ -24,6 +24,7 @@ from functools import partial
 
 import numpy as np
 
+from ._array import to_numpy
 from .api import LOW_RANK_METHODS, CompressionConfig, make_config
 from .engine import (
     Stages,
@@ -252,7 +253,7 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
     y, sub, orig_sub, sumsq = stages.persist(
         "search-sketch", right_multiply(a, s), sub, orig_sub, tile_sumsq(a)
     )
-    _check_finite(np.asarray(sumsq.compute()), a, matrix.path or "array")
+    _check_finite(to_numpy(sumsq.compute()), a, matrix.path or "array")
     for _ in range(n_power_iter or 0):
         q = _orthonormalize(y)
         (z,) = stages.persist("search-power-iteration", _orthonormalize(left_multiply(a, q).T))
@@ -262,7 +263,7 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
     if method in ("dsvd", "lplr-svd"):
         # Rank-ordered singular vectors of the sketch's projection: prefixes are rank-m SVDs.
         (bbt,) = stages.compute("search-svd", gram(left_multiply(a, basis).T))
-        u, w = top_eigenvectors(np.asarray(bbt), k)
+        u, w = top_eigenvectors(to_numpy(bbt), k)
         if method == "lplr-svd":
             u = u * np.sqrt(np.maximum(w, 0.0))[None, :]
         (basis,) = stages.persist("search-basis", _times(basis, u))
@@ -278,7 +279,7 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
         work += [gram(lhat), left_multiply(sub, lhat)]
     norms = [(sub.astype(np.float64) ** 2).sum(), (orig_sub.astype(np.float64) ** 2).sum()]
     out = stages.compute("search-evaluate", *work, *norms, *([given] if given is not None else []))
-    out = [np.asarray(x) for x in out]
+    out = [to_numpy(x) for x in out]
     per_left = {bl: (out[2 * i], out[2 * i + 1]) for i, bl in enumerate(lefts)}
     sub_norm2, orig_norm2 = float(out[2 * len(lefts)]), float(out[2 * len(lefts) + 1])
     given_np = out[-1] if given is not None else None

@@ -168,14 +168,13 @@ def left_multiply(a: da.Array, left: da.Array) -> da.Array:
 
 def _sumsq(block):
     xp = array_namespace(block)
-    return xp.sum(xp.square(block.astype(np.float64))).reshape(1, 1)
+    return to_numpy(xp.sum(xp.square(block.astype(np.float64)))).reshape(1, 1)
 
 
 def tile_sumsq(a: da.Array) -> da.Array:
     """Per-block Σ a² (float64), an I × J array; NaN/Inf in a block make its entry non-finite."""
-    return a.map_blocks(
-        _sumsq, chunks=((1,) * a.numblocks[0], (1,) * a.numblocks[1]), dtype=np.float64
-    )
+    chunks = ((1,) * a.numblocks[0], (1,) * a.numblocks[1])
+    return a.map_blocks(_sumsq, chunks=chunks, dtype=np.float64, meta=np.empty((0, 0)))
 
 
 def gram(x: da.Array) -> da.Array:
