@@ -156,6 +156,19 @@ def _nanny_view(dask_worker):
             "memory_limit": mm.memory_limit, "terminate_fraction": mm.memory_terminate_fraction}
 
 
+def _held_by_prefix(dask_scheduler):
+    """Run on the scheduler: per worker, {key prefix: (count, bytes)} of the results it holds
+    (in memory or spilled: the scheduler does not tell them apart)."""
+    out = {}
+    for addr, ws in dask_scheduler.workers.items():
+        agg: dict = {}
+        for ts in ws.has_what:
+            count, nbytes = agg.get(ts.prefix.name, (0, 0))
+            agg[ts.prefix.name] = (count + 1, nbytes + ts.nbytes)
+        out[addr] = agg
+    return out
+
+
 def _scheduler_metrics(dask_scheduler):
     out = defaultdict(float)
     for key, value in dask_scheduler.cumulative_worker_metrics.items():
@@ -169,7 +182,8 @@ def _scheduler_metrics(dask_scheduler):
 
 class SchedulerView(threading.Thread):
     """Polls ``client.scheduler_info()``: each worker's heartbeat memory, managed and spilled
-    bytes, and status; keeps the peaks and the times a worker was seen paused."""
+    bytes, and status; keeps the peaks and the times a worker was seen paused. Also polls the
+    results each worker holds by key prefix (``held``: peak count and bytes per prefix)."""
 
     def __init__(self, client, interval=0.5):
         super().__init__(daemon=True, name="scheduler-view")
@@ -177,6 +191,7 @@ class SchedulerView(threading.Thread):
         self.interval = interval
         self.peak = defaultdict(lambda: defaultdict(int))
         self.paused = defaultdict(list)
+        self.held = defaultdict(lambda: defaultdict(lambda: [0, 0, 0.0]))  # count, bytes, t
         self.errors = 0
         self._stop_event = threading.Event()
 
@@ -193,6 +208,13 @@ class SchedulerView(threading.Thread):
                     pk["spilled_disk"] = max(pk["spilled_disk"], int(sp))
                     if w.get("status") == "paused":
                         self.paused[addr].append(time.time())
+                now = time.time()
+                for addr, agg in self.client.run_on_scheduler(_held_by_prefix).items():
+                    for prefix, (count, nbytes) in agg.items():
+                        pk = self.held[addr][prefix]
+                        pk[0] = max(pk[0], count)
+                        if nbytes > pk[1]:
+                            pk[1], pk[2] = nbytes, now
             except Exception:
                 self.errors += 1
             self._stop_event.wait(self.interval)
@@ -324,7 +346,7 @@ def main(argv=None) -> int:
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").addHandler(capture)
     record: dict = {"benchmark": "out_of_core", "n": n, "d": d, "rank": m, "chunk": args.chunk,
-                    "workers": args.workers, "threads": args.threads,
+                    "n_workers": args.workers, "threads": args.threads,
                     "memory_limit": args.memory_limit}
     cluster = client = sampler = sview = None
     status = "ok"
@@ -551,6 +573,22 @@ def main(argv=None) -> int:
                                                        "max task s", "spill I/O s"], t_rows)
         record["tasks"] = {k: {"count": v[0], "compute_s": round(v[1], 2),
                                "max_s": round(v[2], 2)} for k, v in by_prefix.items()}
+
+        h_rows, h_record = [], {}
+        for addr in sorted(sview.held):
+            for prefix, (count, nbytes, t_pk) in sorted(sview.held[addr].items(),
+                                                        key=lambda kv: -kv[1][1]):
+                if nbytes < MiB:
+                    continue
+                stage = next((name for name, t0, t1 in windows if t0 <= t_pk < t1), "?")
+                h_rows.append([addr, prefix, count, fmt_mib(nbytes), stage])
+                h_record.setdefault(addr, {})[prefix] = {"peak_count": count,
+                                                         "peak_mib": round(nbytes / MiB),
+                                                         "stage": stage}
+        print_table("results held by each worker, by key prefix (in memory or spilled; peaks "
+                    "of 0.5 s polls, >= 1 MiB)",
+                    ["worker", "prefix", "peak count", "peak MiB", "stage at peak"], h_rows)
+        record["held_by_prefix"] = h_record
 
         at_peak = {}
         for addr, pid in workers_before.items():

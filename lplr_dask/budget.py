@@ -222,6 +222,18 @@ def _sample_columns(d: int, *, group: int, sample_cols: int, seed: int) -> np.nd
     return cols
 
 
+def _inverse_cholesky(g: np.ndarray) -> np.ndarray | None:
+    """C⁻¹ for G = C·Cᵀ when G is comfortably positive definite, else None (use gram_pinv)."""
+    try:
+        c = np.linalg.cholesky(g)
+    except np.linalg.LinAlgError:
+        return None
+    d = np.abs(np.diag(c))
+    if d.size == 0 or d.min() < 1e-6 * d.max():  # near-singular: leave it to gram_pinv
+        return None
+    return np.linalg.inv(c)
+
+
 def _fake_quant_block(x, *, spec, lo, hi):
     from ._array import asarray_like
 
@@ -283,11 +295,20 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
     per_left = {bl: (out[2 * i], out[2 * i + 1]) for i, bl in enumerate(lefts)}
     sub_norm2, orig_norm2 = float(out[2 * len(lefts)]), float(out[2 * len(lefts) + 1])
     given_np = out[-1] if given is not None else None
+    # The Cholesky factor C of G_K, and its inverse, restricted to the leading m × m block are
+    # those of G_m: one factorization per left bit width serves every candidate rank.
+    inv_chol = {bl: _inverse_cholesky(g) for bl, (g, _) in per_left.items()}
     errors = []
     for m, bl, br, bm in candidates:
         g_full, p_full = per_left[bl]
         g, p = g_full[:m, :m], p_full[:m]
-        r = given_np[:m] if given_np is not None else gram_pinv(g) @ p
+        if given_np is not None:
+            r = given_np[:m]
+        elif inv_chol[bl] is not None:
+            ci = inv_chol[bl][:m, :m]
+            r = ci.T @ (ci @ p)
+        else:
+            r = gram_pinv(g) @ p
         spec = make(m, bl, br, bm).right
         lo, hi = (None, None) if spec.is_float else block_range(r, spec=spec)
         rhat = decode(encode(r, spec, lo, hi), spec, lo, hi, dtype=np.float64)

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from . import __version__
-from .errors import LPLRError
+from .errors import LPLRError, ParameterError
 
 __all__ = ["main"]
 
@@ -211,16 +211,20 @@ def cmd_demo(args) -> int:
                     f"compressing with {method} at {args.budget} bits per entry ...",
                     file=sys.stderr,
                 )
-                res = compress(
-                    src,
-                    workdir / f"{method}.zarr",
-                    method=method,
-                    budget=args.budget,
-                    seed=args.seed,
-                    overwrite=True,
-                    on_stage=_progress_callback(_show_progress(args)),
-                )
-                rows.append(res.to_dict())
+                try:
+                    res = compress(
+                        src,
+                        workdir / f"{method}.zarr",
+                        method=method,
+                        budget=args.budget,
+                        seed=args.seed,
+                        overwrite=True,
+                        on_stage=_progress_callback(_show_progress(args)),
+                    )
+                except ParameterError as exc:  # a budget too small for this method
+                    rows.append({"method": method, "infeasible": str(exc)})
+                else:
+                    rows.append(res.to_dict())
         lines = [
             f"{n}×{d} float32 (true rank {args.true_rank}, {args.noise:.0%} noise), "
             f"budget {args.budget} bits per entry; generated in {gen:.1f} s",
@@ -229,6 +233,9 @@ def cmd_demo(args) -> int:
             f"{'rel. error':>11} {'seconds':>8}",
         ]
         for r in rows:
+            if "infeasible" in r:
+                lines.append(f"{r['method']:8} infeasible at this budget")
+                continue
             bl = r["bits_left"] or r["bits_matrix"]
             lines.append(
                 f"{r['method']:8} {r['rank'] or '-':>5} {bl:>3} {r['bits_right'] or '-':>3} "
@@ -311,7 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shape", type=int, nargs=2, default=(16384, 16384), metavar=("N", "D"))
     p.add_argument("--true-rank", type=int, default=64)
     p.add_argument("--noise", type=float, default=0.05)
-    p.add_argument("--budget", type=float, default=1.0)
+    p.add_argument("--budget", type=float, default=2.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
