@@ -59,8 +59,9 @@ def _write_tile(path, i, j, r0, r1, c0, c1, kw):
     return float(np.sum(tile.astype(np.float64) ** 2))
 
 
-def write_matrix(path, n, d, *, chunk=4096, true_rank=64, decay=0.95, noise=0.1, seed=0,
-                 compressor="none"):
+def write_matrix(
+    path, n, d, *, chunk=4096, true_rank=64, decay=0.95, noise=0.1, seed=0, compressor="none"
+):
     """Write the n × d float32 test matrix to a Zarr v3 array at ``path``, tile by tile.
 
     Runs one task per (chunk × chunk) tile on the active Dask scheduler. Returns
@@ -70,8 +71,16 @@ def write_matrix(path, n, d, *, chunk=4096, true_rank=64, decay=0.95, noise=0.1,
     import zarr
 
     kw = {} if compressor == "default" else {"compressors": None}
-    zarr.create_array(str(path), shape=(n, d), chunks=(chunk, chunk), dtype="float32",
-                      zarr_format=3, fill_value=0.0, overwrite=True, **kw)
+    zarr.create_array(
+        str(path),
+        shape=(n, d),
+        chunks=(chunk, chunk),
+        dtype="float32",
+        zarr_format=3,
+        fill_value=0.0,
+        overwrite=True,
+        **kw,
+    )
     opts = dict(true_rank=true_rank, decay=decay, noise=noise, seed=seed)
     tasks = []
     for i, r0 in enumerate(range(0, n, chunk)):
@@ -234,12 +243,15 @@ def print_table(title: str, header, rows) -> None:
     """A plain left-aligned table (first column) / right-aligned (others)."""
     rows = [[str(c) for c in r] for r in rows]
     header = [str(h) for h in header]
-    widths = [max(len(h), *(len(r[k]) for r in rows)) if rows else len(h)
-              for k, h in enumerate(header)]
+    widths = [
+        max(len(h), *(len(r[k]) for r in rows)) if rows else len(h) for k, h in enumerate(header)
+    ]
 
     def line(cells):
-        return "  ".join(c.ljust(w) if k == 0 else c.rjust(w)
-                         for k, (c, w) in enumerate(zip(cells, widths, strict=True)))
+        return "  ".join(
+            c.ljust(w) if k == 0 else c.rjust(w)
+            for k, (c, w) in enumerate(zip(cells, widths, strict=True))
+        )
 
     print(f"\n{title}")
     print(line(header))

@@ -67,10 +67,18 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
     p.add_argument("--memory-limit", default="auto", help="per worker, e.g. 4GiB")
     p.add_argument("--repeat", type=int, default=1, help="best of R runs for each measurement")
-    p.add_argument("--svd-oversamples", type=int, default=10,
-                   help="n_oversamples of svd_compressed (Dask's default)")
-    p.add_argument("--svd-power-iter", type=int, default=0,
-                   help="n_power_iter of svd_compressed (Dask's default)")
+    p.add_argument(
+        "--svd-oversamples",
+        type=int,
+        default=10,
+        help="n_oversamples of svd_compressed (Dask's default)",
+    )
+    p.add_argument(
+        "--svd-power-iter",
+        type=int,
+        default=0,
+        help="n_power_iter of svd_compressed (Dask's default)",
+    )
     p.add_argument("--true-rank", type=int, default=64, help="rank of the signal in A")
     p.add_argument("--noise", type=float, default=0.1, help="noise std (signal entries: 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -109,18 +117,32 @@ def main(argv=None) -> int:
     scratch = wd / "dask-scratch"
     cluster = client = sampler = None
     try:
-        cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads,
-                               memory_limit=args.memory_limit, processes=True,
-                               dashboard_address=None, local_directory=str(scratch))
+        cluster = LocalCluster(
+            n_workers=args.workers,
+            threads_per_worker=args.threads,
+            memory_limit=args.memory_limit,
+            processes=True,
+            dashboard_address=None,
+            local_directory=str(scratch),
+        )
         client = Client(cluster)
         worker_pids = list(client.run(os.getpid).values())
         sampler = RssSampler(0.2)
         sampler.start()
-        print(f"# A: {n} × {d} float32 ({n * d * 4 / 2**30:.2f} GiB), chunks {args.chunk}², "
-              f"rank {m}; cluster {args.workers} workers × {args.threads} thread(s), "
-              f"memory_limit={args.memory_limit}; workdir {wd.path}")
-        gen_s, _ = write_matrix(a_path, n, d, chunk=args.chunk, true_rank=args.true_rank,
-                                noise=args.noise, seed=args.seed)
+        print(
+            f"# A: {n} × {d} float32 ({n * d * 4 / 2**30:.2f} GiB), chunks {args.chunk}², "
+            f"rank {m}; cluster {args.workers} workers × {args.threads} thread(s), "
+            f"memory_limit={args.memory_limit}; workdir {wd.path}"
+        )
+        gen_s, _ = write_matrix(
+            a_path,
+            n,
+            d,
+            chunk=args.chunk,
+            true_rank=args.true_rank,
+            noise=args.noise,
+            seed=args.seed,
+        )
         print(f"# generated A in {gen_s:.1f} s")
 
         chunk_rows = min(args.chunk, n)
@@ -135,14 +157,25 @@ def main(argv=None) -> int:
         s_mat, q_mat = client.persist([s_mat, q_mat])
         wait([s_mat, q_mat])
 
-        best = {"compress": math.inf, "pass1": math.inf, "pass2": math.inf, "floor": math.inf,
-                "svd": math.inf}
+        best = {
+            "compress": math.inf,
+            "pass1": math.inf,
+            "pass2": math.inf,
+            "floor": math.inf,
+            "svd": math.inf,
+        }
         peaks = {"compress": 0, "floor": 0, "svd": 0}
         res = None
         for _ in range(args.repeat):
             t0 = time.time()
-            r = compress(str(a_path), str(out_path), rank=m, bits_left=args.bits_left,
-                         bits_right=args.bits_right, overwrite=True)
+            r = compress(
+                str(a_path),
+                str(out_path),
+                rank=m,
+                bits_left=args.bits_left,
+                bits_right=args.bits_right,
+                overwrite=True,
+            )
             t1 = time.time()
             if t1 - t0 < best["compress"]:
                 best["compress"], res = t1 - t0, r
@@ -158,9 +191,14 @@ def main(argv=None) -> int:
             best["floor"] = min(best["floor"], t2 - t0)
             peaks["floor"] = max(peaks["floor"], _worker_peak(sampler, worker_pids, t0, t2))
 
-            u, sv, v = da.linalg.svd_compressed(a, k=m, compute=False, seed=0,
-                                                n_power_iter=args.svd_power_iter,
-                                                n_oversamples=args.svd_oversamples)
+            u, sv, v = da.linalg.svd_compressed(
+                a,
+                k=m,
+                compute=False,
+                seed=0,
+                n_power_iter=args.svd_power_iter,
+                n_oversamples=args.svd_oversamples,
+            )
             t0 = time.time()
             dask.compute(u, sv, v)
             t1 = time.time()
@@ -174,41 +212,87 @@ def main(argv=None) -> int:
         k_svd = m + args.svd_oversamples
         floor_s = best["floor"]
         rows = [
-            ["compress (lplr)", f"{best['compress']:.2f}", f"{best['compress'] / floor_s:.2f}",
-             f"{gflops(m, 2, best['compress']):.1f}", f"{peaks['compress'] / MiB:.0f}",
-             f"2 passes, width {m}"],
-            ["floor: A@S", f"{best['pass1']:.2f}", f"{best['pass1'] / floor_s:.2f}",
-             f"{gflops(m, 1, best['pass1']):.1f}", "", f"1 pass, width {m}"],
-            ["floor: Aᵀ@Q", f"{best['pass2']:.2f}", f"{best['pass2'] / floor_s:.2f}",
-             f"{gflops(m, 1, best['pass2']):.1f}", "", f"1 pass, width {m}"],
-            ["floor (sum)", f"{floor_s:.2f}", "1.00", f"{gflops(m, 2, floor_s):.1f}",
-             f"{peaks['floor'] / MiB:.0f}", "both passes timed together"],
-            ["svd_compressed", f"{best['svd']:.2f}", f"{best['svd'] / floor_s:.2f}",
-             f"{gflops(k_svd, 2, best['svd']):.1f}", f"{peaks['svd'] / MiB:.0f}",
-             f"n_power_iter={args.svd_power_iter}, width {k_svd}"],
+            [
+                "compress (lplr)",
+                f"{best['compress']:.2f}",
+                f"{best['compress'] / floor_s:.2f}",
+                f"{gflops(m, 2, best['compress']):.1f}",
+                f"{peaks['compress'] / MiB:.0f}",
+                f"2 passes, width {m}",
+            ],
+            [
+                "floor: A@S",
+                f"{best['pass1']:.2f}",
+                f"{best['pass1'] / floor_s:.2f}",
+                f"{gflops(m, 1, best['pass1']):.1f}",
+                "",
+                f"1 pass, width {m}",
+            ],
+            [
+                "floor: Aᵀ@Q",
+                f"{best['pass2']:.2f}",
+                f"{best['pass2'] / floor_s:.2f}",
+                f"{gflops(m, 1, best['pass2']):.1f}",
+                "",
+                f"1 pass, width {m}",
+            ],
+            [
+                "floor (sum)",
+                f"{floor_s:.2f}",
+                "1.00",
+                f"{gflops(m, 2, floor_s):.1f}",
+                f"{peaks['floor'] / MiB:.0f}",
+                "both passes timed together",
+            ],
+            [
+                "svd_compressed",
+                f"{best['svd']:.2f}",
+                f"{best['svd'] / floor_s:.2f}",
+                f"{gflops(k_svd, 2, best['svd']):.1f}",
+                f"{peaks['svd'] / MiB:.0f}",
+                f"n_power_iter={args.svd_power_iter}, width {k_svd}",
+            ],
         ]
-        print_table(f"Wall seconds, best of {args.repeat} (A {n}×{d}, M={m})",
-                    ["measurement", "seconds", "x floor", "GFLOP/s", "peak worker RSS MiB",
-                     "note"], rows)
-        print_table("compress stage_seconds (best run)", ["stage", "seconds"],
-                    [[k, f"{v:.2f}"] for k, v in res.stage_seconds.items()]
-                    + [["(total, CompressionResult.seconds)", f"{res.seconds:.2f}"]])
+        print_table(
+            f"Wall seconds, best of {args.repeat} (A {n}×{d}, M={m})",
+            ["measurement", "seconds", "x floor", "GFLOP/s", "peak worker RSS MiB", "note"],
+            rows,
+        )
+        print_table(
+            "compress stage_seconds (best run)",
+            ["stage", "seconds"],
+            [[k, f"{v:.2f}"] for k, v in res.stage_seconds.items()]
+            + [["(total, CompressionResult.seconds)", f"{res.seconds:.2f}"]],
+        )
         ideal = sum(peak_rates)
         ideal_s = 2.0 * n * d * m * 2 / ideal / 1e9  # two passes at the in-memory SGEMM rate
-        print_table("Ratios and rates", ["figure", "value"], [
-            ["compress / floor", f"{best['compress'] / floor_s:.2f}"],
-            ["compress / svd_compressed", f"{best['compress'] / best['svd']:.2f}"],
-            ["floor GEMM rate (GFLOP/s, 2 passes)", f"{gflops(m, 2, floor_s):.1f}"],
-            ["worker SGEMM peak, per worker (GFLOP/s)", ", ".join(f"{x:.1f}" for x in peak_rates)],
-            ["worker SGEMM peak, all workers (GFLOP/s)", f"{ideal:.1f}"],
-            ["floor / (2 passes at SGEMM peak)", f"{floor_s / ideal_s:.2f}"],
-            ["compress rel_fro_error", f"{res.rel_fro_error:.5f}"],
-            ["compress bits_per_entry", f"{res.bits_per_entry:.4f}"],
-        ])
+        print_table(
+            "Ratios and rates",
+            ["figure", "value"],
+            [
+                ["compress / floor", f"{best['compress'] / floor_s:.2f}"],
+                ["compress / svd_compressed", f"{best['compress'] / best['svd']:.2f}"],
+                ["floor GEMM rate (GFLOP/s, 2 passes)", f"{gflops(m, 2, floor_s):.1f}"],
+                [
+                    "worker SGEMM peak, per worker (GFLOP/s)",
+                    ", ".join(f"{x:.1f}" for x in peak_rates),
+                ],
+                ["worker SGEMM peak, all workers (GFLOP/s)", f"{ideal:.1f}"],
+                ["floor / (2 passes at SGEMM peak)", f"{floor_s / ideal_s:.2f}"],
+                ["compress rel_fro_error", f"{res.rel_fro_error:.5f}"],
+                ["compress bits_per_entry", f"{res.bits_per_entry:.4f}"],
+            ],
+        )
         record = {
             "benchmark": "bench_compress",
-            "n": n, "d": d, "rank": m, "chunk": args.chunk, "workers": args.workers,
-            "threads": args.threads, "memory_limit": args.memory_limit, "repeat": args.repeat,
+            "n": n,
+            "d": d,
+            "rank": m,
+            "chunk": args.chunk,
+            "workers": args.workers,
+            "threads": args.threads,
+            "memory_limit": args.memory_limit,
+            "repeat": args.repeat,
             "generate_s": round(gen_s, 3),
             "compress_s": round(best["compress"], 3),
             "compress_stage_s": res.stage_seconds,

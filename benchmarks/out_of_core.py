@@ -36,8 +36,13 @@ Tables:
 - ``events and logs``: scheduler events (``remove-worker``, ``worker-restart-memory``,
   pauses) and log lines of the scheduler, nannies and workers matching restart/kill, memory
   warnings, spilling and pausing.
-- ``tasks``: per task prefix, count and compute seconds (max is the longest single task), and
-  which tasks were running on each worker at its RSS peak.
+- ``tasks``: per task prefix, count and compute seconds (max is the longest single task).
+- ``results held``: per worker and task-key prefix, the peak count and bytes of results the
+  worker held (in memory or spilled), from 0.5 s polls of the scheduler. ``from-zarr`` rows
+  are tiles of A (64 MiB each at 4096²): more than a couple per worker thread means tiles
+  are waiting for a second consumer, i.e. the pass is not streaming.
+- ``# ... peak``: for each worker, when its sampled RSS peaked, in which stage, and which
+  tasks (prefixes) it was computing then.
 
 The last line is all of this as one JSON object. Timings are wall-clock on a shared 2-core
 machine (other processes compete for the CPU): treat them as indicative. The 4 GiB input stays in
@@ -80,8 +85,9 @@ from _common import (
 cloudpickle.register_pickle_by_value(_common)
 
 LOG_PATTERNS = {
-    "restart/kill": re.compile(r"restart|kill|terminat|exceeded \d+% memory|died|remove.worker",
-                               re.I),
+    "restart/kill": re.compile(
+        r"restart|kill|terminat|exceeded \d+% memory|died|remove.worker", re.I
+    ),
     "memory warning": re.compile(r"memory use is high|unmanaged memory|memory budget", re.I),
     "spilling": re.compile(r"spilling|spill to disk", re.I),
     "paused": re.compile(r"paus", re.I),
@@ -103,10 +109,17 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1, help="threads per worker")
     p.add_argument("--memory-limit", default="1GiB", help="per worker")
     p.add_argument("--interval", type=float, default=0.2, help="RSS sampling period, seconds")
-    p.add_argument("--timeout", type=float, default=480.0,
-                   help="abort compression after this many seconds and report where it was")
-    p.add_argument("--verify", action="store_true",
-                   help="also run lplr_dask.relative_error (one more pass over A)")
+    p.add_argument(
+        "--timeout",
+        type=float,
+        default=480.0,
+        help="abort compression after this many seconds and report where it was",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="also run lplr_dask.relative_error (one more pass over A)",
+    )
     p.add_argument("--true-rank", type=int, default=64, help="rank of the signal in A")
     p.add_argument("--noise", type=float, default=0.1, help="noise std (signal entries: 1)")
     p.add_argument("--seed", type=int, default=0)
@@ -152,8 +165,13 @@ def _nanny_view(dask_worker):
         except psutil.Error:
             pass
     mm = nanny.memory_manager
-    return {"nanny_pid": os.getpid(), "worker_pid": pid, "worker_rss": rss,
-            "memory_limit": mm.memory_limit, "terminate_fraction": mm.memory_terminate_fraction}
+    return {
+        "nanny_pid": os.getpid(),
+        "worker_pid": pid,
+        "worker_rss": rss,
+        "memory_limit": mm.memory_limit,
+        "terminate_fraction": mm.memory_terminate_fraction,
+    }
 
 
 def _held_by_prefix(dask_scheduler):
@@ -240,9 +258,11 @@ class LogCapture(logging.Handler):
 
 def _collect_log_lines(client, capture: LogCapture) -> list[str]:
     lines = list(capture.lines)
-    for getter in (lambda: {"scheduler": client.get_scheduler_logs()},
-                   client.get_worker_logs,
-                   lambda: client.get_worker_logs(nanny=True)):
+    for getter in (
+        lambda: {"scheduler": client.get_scheduler_logs()},
+        client.get_worker_logs,
+        lambda: client.get_worker_logs(nanny=True),
+    ):
         try:
             for logs in getter().values():
                 lines.extend(msg for _, msg in logs)
@@ -268,8 +288,12 @@ def _scan_events(client) -> dict:
         for ts, msg in items:
             action = msg.get("action", "") if isinstance(msg, dict) else ""
             text = f"{topic} {msg}".lower()
-            if "restart" in topic or "fail" in topic or action in (
-                    "remove-worker", "restart-workers", "closing-worker", "worker-ttl-timed-out"):
+            if (
+                "restart" in topic
+                or "fail" in topic
+                or action
+                in ("remove-worker", "restart-workers", "closing-worker", "worker-ttl-timed-out")
+            ):
                 found["restart/kill/remove"].append((ts, topic, str(msg)[:300]))
             elif action == "worker-status-change" and "paused" in text:
                 found["paused"].append((ts, topic, str(msg)[:300]))
@@ -279,10 +303,21 @@ def _scan_events(client) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def _other_role(cmdline: str) -> str:
+    if "resource_tracker" in cmdline:
+        return "mp-resource-tracker (multiprocessing helper)"
+    return f"other child: {cmdline[:50]}"
+
+
 def _start_cluster(args, scratch):
-    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=args.threads,
-                           memory_limit=args.memory_limit, processes=True,
-                           dashboard_address=None, local_directory=str(scratch))
+    cluster = LocalCluster(
+        n_workers=args.workers,
+        threads_per_worker=args.threads,
+        memory_limit=args.memory_limit,
+        processes=True,
+        dashboard_address=None,
+        local_directory=str(scratch),
+    )
     return cluster, Client(cluster)
 
 
@@ -314,8 +349,15 @@ def generate(args, wd, a_path) -> dict:
     sampler.start()
     try:
         roles = _roles(client)
-        gen_s, sumsq = write_matrix(a_path, args.n, args.d, chunk=args.chunk,
-                                    true_rank=args.true_rank, noise=args.noise, seed=args.seed)
+        gen_s, sumsq = write_matrix(
+            a_path,
+            args.n,
+            args.d,
+            chunk=args.chunk,
+            true_rank=args.true_rank,
+            noise=args.noise,
+            seed=args.seed,
+        )
         pids_after = set(client.run(os.getpid).values())
     finally:
         sampler.stop()
@@ -326,8 +368,10 @@ def generate(args, wd, a_path) -> dict:
         "seconds": gen_s,
         "fro_norm2": sumsq,
         "disk_bytes": dir_bytes(a_path),
-        "peak_rss": {roles.get(p, sampler.cmdline.get(p, "?")): v
-                     for p, v in sampler.peak.items()},
+        "peak_rss": {
+            roles.get(p) or _other_role(sampler.cmdline.get(p, "?")): v
+            for p, v in sampler.peak.items()
+        },
         "workers_restarted": not set(worker_pids) <= pids_after,
     }
 
@@ -345,25 +389,38 @@ def main(argv=None) -> int:
     logging.getLogger("distributed").addHandler(capture)
     logging.captureWarnings(True)
     logging.getLogger("py.warnings").addHandler(capture)
-    record: dict = {"benchmark": "out_of_core", "n": n, "d": d, "rank": m, "chunk": args.chunk,
-                    "n_workers": args.workers, "threads": args.threads,
-                    "memory_limit": args.memory_limit}
+    record: dict = {
+        "benchmark": "out_of_core",
+        "n": n,
+        "d": d,
+        "rank": m,
+        "chunk": args.chunk,
+        "n_workers": args.workers,
+        "threads": args.threads,
+        "memory_limit": args.memory_limit,
+    }
     cluster = client = sampler = sview = None
     status = "ok"
     try:
-        print(f"# A: {n} × {d} float32 = {n * d * 4 / GiB:.2f} GiB, chunks {args.chunk}², "
-              f"rank {m}; {args.workers} workers × {args.threads} thread, memory_limit="
-              f"{args.memory_limit} each; workdir {wd.path}", flush=True)
+        print(
+            f"# A: {n} × {d} float32 = {n * d * 4 / GiB:.2f} GiB, chunks {args.chunk}², "
+            f"rank {m}; {args.workers} workers × {args.threads} thread, memory_limit="
+            f"{args.memory_limit} each; workdir {wd.path}",
+            flush=True,
+        )
         gen = generate(args, wd, a_path)
-        print(f"# generated A in {gen['seconds']:.1f} s ({gen['disk_bytes'] / GiB:.2f} GiB on "
-              f"disk); peak RSS during generation: "
-              + ", ".join(f"{k}: {fmt_mib(v)} MiB" for k, v in gen["peak_rss"].items()),
-              flush=True)
-        record["generate"] = {"seconds": round(gen["seconds"], 2),
-                              "disk_bytes": gen["disk_bytes"],
-                              "workers_restarted": gen["workers_restarted"],
-                              "peak_rss_mib": {k: round(v / MiB) for k, v in
-                                               gen["peak_rss"].items()}}
+        print(
+            f"# generated A in {gen['seconds']:.1f} s ({gen['disk_bytes'] / GiB:.2f} GiB on "
+            f"disk); peak RSS during generation: "
+            + ", ".join(f"{k}: {fmt_mib(v)} MiB" for k, v in gen["peak_rss"].items()),
+            flush=True,
+        )
+        record["generate"] = {
+            "seconds": round(gen["seconds"], 2),
+            "disk_bytes": gen["disk_bytes"],
+            "workers_restarted": gen["workers_restarted"],
+            "peak_rss_mib": {k: round(v / MiB) for k, v in gen["peak_rss"].items()},
+        }
 
         cluster, client = _start_cluster(args, scratch)
         roles = _roles(client)
@@ -382,10 +439,15 @@ def main(argv=None) -> int:
 
         def run_compress():
             try:
-                outcome["result"] = compress(str(a_path), str(out_path), rank=m,
-                                             bits_left=args.bits_left,
-                                             bits_right=args.bits_right, overwrite=True,
-                                             on_stage=on_stage)
+                outcome["result"] = compress(
+                    str(a_path),
+                    str(out_path),
+                    rank=m,
+                    bits_left=args.bits_left,
+                    bits_right=args.bits_right,
+                    overwrite=True,
+                    on_stage=on_stage,
+                )
             except BaseException as exc:  # reported below
                 outcome["error"] = exc
                 outcome["traceback"] = traceback.format_exc()
@@ -399,11 +461,12 @@ def main(argv=None) -> int:
             t_end = time.time()
             if worker.is_alive():
                 status = "timeout"
-                print(f"# TIMEOUT: compress still running after {args.timeout:.0f} s",
-                      flush=True)
+                print(f"# TIMEOUT: compress still running after {args.timeout:.0f} s", flush=True)
                 processing = client.processing()
-                print("# tasks processing per worker:",
-                      {w: [key_split(k) for k in v][:5] for w, v in processing.items()})
+                print(
+                    "# tasks processing per worker:",
+                    {w: [key_split(k) for k in v][:5] for w, v in processing.items()},
+                )
         sview.stop()
         sampler.stop()
         res = outcome.get("result")
@@ -428,24 +491,35 @@ def main(argv=None) -> int:
         if args.verify and res is not None:
             t0 = time.time()
             try:
-                verify = {"rel_fro_error": relative_error(str(a_path), str(out_path)),
-                          "seconds": time.time() - t0}
+                verify = {
+                    "rel_fro_error": relative_error(str(a_path), str(out_path)),
+                    "seconds": time.time() - t0,
+                }
             except Exception as exc:
                 verify = {"error": repr(exc), "seconds": time.time() - t0}
 
         # ------------------------------------------------------------------ result table
-        rows = [["generate seconds", f"{gen['seconds']:.1f}"],
-                ["compress wall seconds (driver clock)", f"{compress_wall:.1f}"],
-                ["status", status]]
+        rows = [
+            ["generate seconds", f"{gen['seconds']:.1f}"],
+            ["compress wall seconds (driver clock)", f"{compress_wall:.1f}"],
+            ["status", status],
+        ]
         if res is not None:
-            rows += [["CompressionResult.seconds", f"{res.seconds:.1f}"],
-                     ["rel_fro_error (compress, exact from LᵀA, LᵀL)", f"{res.rel_fro_error:.6f}"],
-                     ["bits_per_entry", f"{res.bits_per_entry:.4f}"],
-                     ["stored MiB", f"{res.stored_bytes / MiB:.1f}"]]
+            rows += [
+                ["CompressionResult.seconds", f"{res.seconds:.1f}"],
+                ["rel_fro_error (compress, exact from LᵀA, LᵀL)", f"{res.rel_fro_error:.6f}"],
+                ["bits_per_entry", f"{res.bits_per_entry:.4f}"],
+                ["stored MiB", f"{res.stored_bytes / MiB:.1f}"],
+            ]
         if verify is not None:
-            rows.append(["relative_error (independent pass)",
-                         f"{verify['rel_fro_error']:.6f} ({verify['seconds']:.1f} s)"
-                         if "rel_fro_error" in verify else verify["error"]])
+            rows.append(
+                [
+                    "relative_error (independent pass)",
+                    f"{verify['rel_fro_error']:.6f} ({verify['seconds']:.1f} s)"
+                    if "rel_fro_error" in verify
+                    else verify["error"],
+                ]
+            )
         print_table("result", ["figure", "value"], rows)
 
         # ------------------------------------------------------------------ processes
@@ -454,7 +528,7 @@ def main(argv=None) -> int:
         proc_rows = []
         proc_record = {}
         for pid in sorted(sampler.peak, key=lambda p: (p != os.getpid(), p)):
-            role = roles.get(pid) or f"other child: {sampler.cmdline.get(pid, '?')[:50]}"
+            role = roles.get(pid) or _other_role(sampler.cmdline.get(pid, "?"))
             addr = next((a for a, p in worker_pid_by_addr.items() if p == pid), None)
             peak = sampler.peak_between(pid, t_start, t_end + 1) or 0
             hwm = vm_hwm(pid)
@@ -463,11 +537,20 @@ def main(argv=None) -> int:
             end = next((rss for t, p, rss in reversed(sampler.samples) if p == pid), None)
             nanny = next((v for v in nanny_after.values() if v["worker_pid"] == pid), None)
             hb = heartbeat_by_addr.get(addr, {}).get("process") if addr else None
-            proc_rows.append([role, pid, fmt_mib(peak), fmt_mib(hwm) if hwm_reset else "-",
-                              fmt_mib(end), fmt_mib(nanny["worker_rss"]) if nanny else "",
-                              fmt_mib(hb)])
+            proc_rows.append(
+                [
+                    role,
+                    pid,
+                    fmt_mib(peak),
+                    fmt_mib(hwm) if hwm_reset else "-",
+                    fmt_mib(end),
+                    fmt_mib(nanny["worker_rss"]) if nanny else "",
+                    fmt_mib(hb),
+                ]
+            )
             proc_record[f"{role} [{pid}]"] = {
-                "peak_rss_mib": round(peak / MiB), "vm_hwm_mib": round(hwm / MiB) if hwm else None,
+                "peak_rss_mib": round(peak / MiB),
+                "vm_hwm_mib": round(hwm / MiB) if hwm else None,
                 "end_rss_mib": round(end / MiB) if end else None,
                 "heartbeat_peak_mib": round(hb / MiB) if hb else None,
             }
@@ -475,8 +558,17 @@ def main(argv=None) -> int:
         print_table(
             f"processes during compression (RSS MiB; sampled every {args.interval} s; "
             f"the nanny kills a worker above {kill_frac:.0%} of {args.memory_limit})",
-            ["process", "pid", "peak sampled", "peak VmHWM", "end", "nanny view (end)",
-             "worker heartbeat peak"], proc_rows)
+            [
+                "process",
+                "pid",
+                "peak sampled",
+                "peak VmHWM",
+                "end",
+                "nanny view (end)",
+                "worker heartbeat peak",
+            ],
+            proc_rows,
+        )
         record["processes"] = proc_record
         record["vm_hwm_reset"] = hwm_reset
 
@@ -489,20 +581,33 @@ def main(argv=None) -> int:
                 windows[-1][2] = t_next
             else:
                 windows.append([name, t, t_next])
-        pids = [p for p in sorted(sampler.peak, key=lambda p: (p != os.getpid(), p))]
+        pids = sorted(sampler.peak, key=lambda p: (p != os.getpid(), p))
+
+        def short(pid):
+            role = roles.get(pid) or _other_role(sampler.cmdline.get(pid, "?"))
+            return f"{role.split(' ')[0]}[{pid}]"
+
         stage_secs = res.stage_seconds if res is not None else {}
         stage_rows, stage_record = [], {}
         for name, t0, t1 in windows:
             peaks = [sampler.peak_between(p, t0, t1) for p in pids]
-            stage_rows.append([name, f"{t1 - t0:.1f}",
-                               f"{stage_secs[name]:.1f}" if name in stage_secs else "",
-                               *(fmt_mib(v) for v in peaks)])
-            stage_record[name] = {"window_s": round(t1 - t0, 2),
-                                  "peak_rss_mib": [round(v / MiB) if v else None for v in peaks]}
-        print_table("peak RSS (MiB) by compress stage; window = from this stage's submission to "
-                    "the next", ["stage", "window s", "stage_seconds",
-                                 *(f"{roles.get(p, '?').split(' ')[0]}[{p}]" for p in pids)],
-                    stage_rows)
+            stage_rows.append(
+                [
+                    name,
+                    f"{t1 - t0:.1f}",
+                    f"{stage_secs[name]:.1f}" if name in stage_secs else "",
+                    *(fmt_mib(v) for v in peaks),
+                ]
+            )
+            stage_record[name] = {
+                "window_s": round(t1 - t0, 2),
+                "peak_rss_mib": [round(v / MiB) if v else None for v in peaks],
+            }
+        print_table(
+            "peak RSS (MiB) by compress stage; window = from this stage's submission to the next",
+            ["stage", "window s", "stage_seconds", *(short(p) for p in pids)],
+            stage_rows,
+        )
         record["stages"] = stage_record
         record["stage_seconds"] = stage_secs
 
@@ -513,21 +618,48 @@ def main(argv=None) -> int:
             sp = spill.get(addr, {})
             sv = sview.peak.get(addr, {})
             restarted = pid1 != pid0
-            w_rows.append([addr, f"{pid0} -> {pid1}", "YES" if restarted else "no",
-                           fmt_mib(sp.get("disk_write_bytes")), sp.get("disk_write_count", "-"),
-                           fmt_mib(sp.get("disk_read_bytes")), sp.get("disk_read_count", "-"),
-                           fmt_mib(sp.get("on_disk_now_bytes")), fmt_mib(sv.get("managed")),
-                           fmt_mib(sv.get("spilled_disk")), len(sview.paused.get(addr, []))])
-            w_record[addr] = {"pid_before": pid0, "pid_after": pid1, "restarted": restarted,
-                              **{k: v for k, v in sp.items() if k != "pid"},
-                              "heartbeat_peak_managed_bytes": sv.get("managed"),
-                              "heartbeat_peak_spilled_bytes": sv.get("spilled_disk"),
-                              "paused_polls": len(sview.paused.get(addr, []))}
+            w_rows.append(
+                [
+                    addr,
+                    f"{pid0} -> {pid1}",
+                    "YES" if restarted else "no",
+                    fmt_mib(sp.get("disk_write_bytes")),
+                    sp.get("disk_write_count", "-"),
+                    fmt_mib(sp.get("disk_read_bytes")),
+                    sp.get("disk_read_count", "-"),
+                    fmt_mib(sp.get("on_disk_now_bytes")),
+                    fmt_mib(sv.get("managed")),
+                    fmt_mib(sv.get("spilled_disk")),
+                    len(sview.paused.get(addr, [])),
+                ]
+            )
+            w_record[addr] = {
+                "pid_before": pid0,
+                "pid_after": pid1,
+                "restarted": restarted,
+                **{k: v for k, v in sp.items() if k != "pid"},
+                "heartbeat_peak_managed_bytes": sv.get("managed"),
+                "heartbeat_peak_spilled_bytes": sv.get("spilled_disk"),
+                "paused_polls": len(sview.paused.get(addr, [])),
+            }
         missing = set(workers_after) - set(workers_before)
-        print_table("workers (spill MiB; count = keys written to / read from disk)",
-                    ["worker", "pid before -> after", "restarted", "spilled MiB", "spill count",
-                     "unspilled MiB", "unspill count", "on disk at end", "peak managed MiB",
-                     "peak spilled (heartbeat)", "polls paused"], w_rows)
+        print_table(
+            "workers (spill MiB; count = keys written to / read from disk)",
+            [
+                "worker",
+                "pid before -> after",
+                "restarted",
+                "spilled MiB",
+                "spill count",
+                "unspilled MiB",
+                "unspill count",
+                "on disk at end",
+                "peak managed MiB",
+                "peak spilled (heartbeat)",
+                "polls paused",
+            ],
+            w_rows,
+        )
         if missing:
             print(f"# new workers after compression: {sorted(missing)}")
         print(f"# scheduler cumulative spill metrics (survive restarts): {sched_metrics or 'none'}")
@@ -536,23 +668,30 @@ def main(argv=None) -> int:
         record["nanny_view_after"] = {a: v for a, v in nanny_after.items()}
 
         # ------------------------------------------------------------------ events and logs
-        matched = {k: [line for line in log_lines if pat.search(line)]
-                   for k, pat in LOG_PATTERNS.items()}
-        ev_rows = [[f"event: {k}", len(v), (v[0][2][:90] if v else "")]
-                   for k, v in events.items()]
+        matched = {
+            k: [line for line in log_lines if pat.search(line)] for k, pat in LOG_PATTERNS.items()
+        }
+        ev_rows = [[f"event: {k}", len(v), (v[0][2][:90] if v else "")] for k, v in events.items()]
         ev_rows += [[f"log: {k}", len(v), (v[0][-90:] if v else "")] for k, v in matched.items()]
         warn_lines = [line for line in log_lines if "WARNING" in line or "ERROR" in line]
-        ev_rows.append(["log: all WARNING/ERROR lines", len(warn_lines),
-                        warn_lines[0][-90:] if warn_lines else ""])
-        print_table("events and logs (scheduler, nannies, workers)", ["what", "count", "first"],
-                    ev_rows)
+        ev_rows.append(
+            [
+                "log: all WARNING/ERROR lines",
+                len(warn_lines),
+                warn_lines[0][-90:] if warn_lines else "",
+            ]
+        )
+        print_table(
+            "events and logs (scheduler, nannies, workers)", ["what", "count", "first"], ev_rows
+        )
         for line in warn_lines[:15]:
             print(f"  | {line[:220]}")
         record["events"] = {k: len(v) for k, v in events.items()}
         record["log_matches"] = {k: len(v) for k, v in matched.items()}
         record["warnings"] = warn_lines[:20]
         record["any_worker_restarted"] = any(v["restarted"] for v in w_record.values()) or bool(
-            events.get("restart/kill/remove"))
+            events.get("restart/kill/remove")
+        )
 
         # ------------------------------------------------------------------ tasks
         by_prefix = defaultdict(lambda: [0, 0.0, 0.0, 0.0])
@@ -567,50 +706,76 @@ def main(argv=None) -> int:
                     agg[2] = max(agg[2], dt)
                 elif ss["action"] in ("disk-read", "disk-write"):
                     agg[3] += dt
-        t_rows = [[k, v[0], f"{v[1]:.1f}", f"{v[2]:.2f}", f"{v[3]:.2f}"]
-                  for k, v in sorted(by_prefix.items(), key=lambda kv: -kv[1][1])]
-        print_table("tasks by prefix (task stream)", ["prefix", "count", "compute s",
-                                                       "max task s", "spill I/O s"], t_rows)
-        record["tasks"] = {k: {"count": v[0], "compute_s": round(v[1], 2),
-                               "max_s": round(v[2], 2)} for k, v in by_prefix.items()}
+        t_rows = [
+            [k, v[0], f"{v[1]:.1f}", f"{v[2]:.2f}", f"{v[3]:.2f}"]
+            for k, v in sorted(by_prefix.items(), key=lambda kv: -kv[1][1])
+        ]
+        print_table(
+            "tasks by prefix (task stream)",
+            ["prefix", "count", "compute s", "max task s", "spill I/O s"],
+            t_rows,
+        )
+        record["tasks"] = {
+            k: {"count": v[0], "compute_s": round(v[1], 2), "max_s": round(v[2], 2)}
+            for k, v in by_prefix.items()
+        }
 
         h_rows, h_record = [], {}
         for addr in sorted(sview.held):
-            for prefix, (count, nbytes, t_pk) in sorted(sview.held[addr].items(),
-                                                        key=lambda kv: -kv[1][1]):
+            for prefix, (count, nbytes, t_pk) in sorted(
+                sview.held[addr].items(), key=lambda kv: -kv[1][1]
+            ):
                 if nbytes < MiB:
                     continue
                 stage = next((name for name, t0, t1 in windows if t0 <= t_pk < t1), "?")
                 h_rows.append([addr, prefix, count, fmt_mib(nbytes), stage])
-                h_record.setdefault(addr, {})[prefix] = {"peak_count": count,
-                                                         "peak_mib": round(nbytes / MiB),
-                                                         "stage": stage}
-        print_table("results held by each worker, by key prefix (in memory or spilled; peaks "
-                    "of 0.5 s polls, >= 1 MiB)",
-                    ["worker", "prefix", "peak count", "peak MiB", "stage at peak"], h_rows)
+                h_record.setdefault(addr, {})[prefix] = {
+                    "peak_count": count,
+                    "peak_mib": round(nbytes / MiB),
+                    "stage": stage,
+                }
+        print_table(
+            "results held by each worker, by key prefix (in memory or spilled; peaks "
+            "of 0.5 s polls, >= 1 MiB)",
+            ["worker", "prefix", "peak count", "peak MiB", "stage at peak"],
+            h_rows,
+        )
         record["held_by_prefix"] = h_record
 
         at_peak = {}
         for addr, pid in workers_before.items():
             t_pk, rss = sampler.argmax(pid)
             slack = args.interval
-            running = sorted({key_split(rec["key"]) for rec in stream
-                              if rec.get("worker") == addr
-                              for ss in rec.get("startstops", ())
-                              if ss["action"] == "compute"
-                              and ss["start"] - slack <= t_pk <= ss["stop"] + slack})
+            running = sorted(
+                {
+                    key_split(rec["key"])
+                    for rec in stream
+                    if rec.get("worker") == addr
+                    for ss in rec.get("startstops", ())
+                    if ss["action"] == "compute"
+                    and ss["start"] - slack <= t_pk <= ss["stop"] + slack
+                }
+            )
             stage = next((name for name, t0, t1 in windows if t0 <= t_pk < t1), "?")
-            at_peak[addr] = {"rss_mib": round(rss / MiB),
-                             "t_from_start_s": round(t_pk - t_start, 1),
-                             "stage": stage, "tasks": running}
-            print(f"# {addr} peak {rss / MiB:.0f} MiB at t={t_pk - t_start:.1f} s, stage "
-                  f"{stage!r}, running: {', '.join(running) or '(none recorded)'}")
+            at_peak[addr] = {
+                "rss_mib": round(rss / MiB),
+                "t_from_start_s": round(t_pk - t_start, 1),
+                "stage": stage,
+                "tasks": running,
+            }
+            print(
+                f"# {addr} peak {rss / MiB:.0f} MiB at t={t_pk - t_start:.1f} s, stage "
+                f"{stage!r}, running: {', '.join(running) or '(none recorded)'}"
+            )
         record["at_worker_peak"] = at_peak
 
         record.update(status=status, compress_wall_s=round(compress_wall, 2))
         if res is not None:
-            record.update(compress_seconds=round(res.seconds, 2),
-                          rel_fro_error=res.rel_fro_error, bits_per_entry=res.bits_per_entry)
+            record.update(
+                compress_seconds=round(res.seconds, 2),
+                rel_fro_error=res.rel_fro_error,
+                bits_per_entry=res.bits_per_entry,
+            )
         if verify is not None:
             record["verify"] = verify
         if "error" in outcome:

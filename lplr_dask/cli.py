@@ -203,7 +203,12 @@ def cmd_demo(args) -> int:
                     file=sys.stderr,
                 )
                 low_rank_plus_noise(
-                    src, (n, d), rank=args.true_rank, noise=args.noise, seed=args.seed
+                    src,
+                    (n, d),
+                    rank=args.true_rank,
+                    decay=args.decay,
+                    noise=args.noise,
+                    seed=args.seed,
                 )
             gen = time.perf_counter() - t0
             for method in ("lplr", "paper", "nq"):
@@ -226,7 +231,8 @@ def cmd_demo(args) -> int:
                 else:
                     rows.append(res.to_dict())
         lines = [
-            f"{n}×{d} float32 (true rank {args.true_rank}, {args.noise:.0%} noise), "
+            f"{n}×{d} float32 (s_i = {args.decay}^i for i < {args.true_rank}, "
+            f"{args.noise:.0%} noise), "
             f"budget {args.budget} bits per entry; generated in {gen:.1f} s",
             "",
             f"{'method':8} {'rank':>5} {'B':>3} {'B′':>3} {'bits/entry':>11} "
@@ -316,9 +322,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("demo", help="generate a large low-rank-plus-noise matrix and compress it")
     p.add_argument("--shape", type=int, nargs=2, default=(16384, 16384), metavar=("N", "D"))
-    p.add_argument("--true-rank", type=int, default=64)
+    p.add_argument("--true-rank", type=int, default=512)
+    p.add_argument("--decay", type=float, default=0.99, help="singular values decay^i")
     p.add_argument("--noise", type=float, default=0.05)
-    p.add_argument("--budget", type=float, default=2.0)
+    p.add_argument("--budget", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
