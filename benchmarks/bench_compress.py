@@ -4,7 +4,9 @@ One process, one ``distributed.LocalCluster`` (default 2 workers × 1 thread), o
 
 1. generate a seeded float32 low-rank-plus-noise matrix A (default 16384 × 16384, stored in
    4096 × 4096 chunks, uncompressed), one Dask task per tile;
-2. measure, ``--repeat`` times each, interleaved, keeping the best (smallest) wall time:
+2. after ``--warmup`` untimed rounds (default 1: worker imports, first-touch memory), measure
+   ``--repeat`` rounds of the three, interleaved, keeping the best (smallest) wall time of each
+   (every round is printed too):
 
    compress        ``lplr_dask.compress(A, rank=M, bits 8/8)``: two passes over A (sketch,
                    projection) plus QR, quantization and writes; its ``stage_seconds`` are shown.
@@ -68,6 +70,13 @@ def parse_args(argv=None):
     p.add_argument("--memory-limit", default="auto", help="per worker, e.g. 4GiB")
     p.add_argument("--repeat", type=int, default=1, help="best of R runs for each measurement")
     p.add_argument(
+        "--warmup",
+        type=int,
+        default=1,
+        help="untimed rounds of all three measurements first (worker imports, first-touch "
+        "memory); 0 to time the cold first round",
+    )
+    p.add_argument(
         "--svd-oversamples",
         type=int,
         default=10,
@@ -85,8 +94,8 @@ def parse_args(argv=None):
     p.add_argument("--workdir", default="/tmp/lplr-bench")
     p.add_argument("--keep", action="store_true", help="keep the workdir and its data")
     args = p.parse_args(argv)
-    if args.repeat < 1:
-        p.error("--repeat must be at least 1")
+    if args.repeat < 1 or args.warmup < 0:
+        p.error("--repeat must be at least 1 and --warmup at least 0")
     return args
 
 
@@ -157,16 +166,13 @@ def main(argv=None) -> int:
         s_mat, q_mat = client.persist([s_mat, q_mat])
         wait([s_mat, q_mat])
 
-        best = {
-            "compress": math.inf,
-            "pass1": math.inf,
-            "pass2": math.inf,
-            "floor": math.inf,
-            "svd": math.inf,
-        }
+        best = {k: math.inf for k in ("compress", "pass1", "pass2", "floor", "svd")}
         peaks = {"compress": 0, "floor": 0, "svd": 0}
         res = None
-        for _ in range(args.repeat):
+        runs = []
+        for it in range(args.warmup + args.repeat):
+            timed = it >= args.warmup
+            t = {}
             t0 = time.time()
             r = compress(
                 str(a_path),
@@ -177,19 +183,21 @@ def main(argv=None) -> int:
                 overwrite=True,
             )
             t1 = time.time()
-            if t1 - t0 < best["compress"]:
-                best["compress"], res = t1 - t0, r
-            peaks["compress"] = max(peaks["compress"], _worker_peak(sampler, worker_pids, t0, t1))
+            t["compress"] = t1 - t0
+            if timed:
+                if t1 - t0 < best["compress"]:
+                    best["compress"], res = t1 - t0, r
+                peak = _worker_peak(sampler, worker_pids, t0, t1)
+                peaks["compress"] = max(peaks["compress"], peak)
 
             t0 = time.time()
             (a @ s_mat).compute()
             t1 = time.time()
             (a.T @ q_mat).compute()
             t2 = time.time()
-            best["pass1"] = min(best["pass1"], t1 - t0)
-            best["pass2"] = min(best["pass2"], t2 - t1)
-            best["floor"] = min(best["floor"], t2 - t0)
-            peaks["floor"] = max(peaks["floor"], _worker_peak(sampler, worker_pids, t0, t2))
+            t.update(pass1=t1 - t0, pass2=t2 - t1, floor=t2 - t0)
+            if timed:
+                peaks["floor"] = max(peaks["floor"], _worker_peak(sampler, worker_pids, t0, t2))
 
             u, sv, v = da.linalg.svd_compressed(
                 a,
@@ -202,8 +210,12 @@ def main(argv=None) -> int:
             t0 = time.time()
             dask.compute(u, sv, v)
             t1 = time.time()
-            best["svd"] = min(best["svd"], t1 - t0)
-            peaks["svd"] = max(peaks["svd"], _worker_peak(sampler, worker_pids, t0, t1))
+            t["svd"] = t1 - t0
+            if timed:
+                peaks["svd"] = max(peaks["svd"], _worker_peak(sampler, worker_pids, t0, t1))
+                for k in ("pass1", "pass2", "floor", "svd"):
+                    best[k] = min(best[k], t[k])
+            runs.append((it, timed, t))
         sampler.stop()
 
         def gflops(width, passes, seconds):
@@ -254,6 +266,18 @@ def main(argv=None) -> int:
             ],
         ]
         print_table(
+            "Every round (seconds; warm-up rounds are not used)",
+            ["round", "used", "compress", "floor A@S", "floor Aᵀ@Q", "svd_compressed"],
+            [
+                [
+                    it,
+                    "yes" if timed else "warm-up",
+                    *(f"{t[k]:.2f}" for k in ("compress", "pass1", "pass2", "svd")),
+                ]
+                for it, timed, t in runs
+            ],
+        )
+        print_table(
             f"Wall seconds, best of {args.repeat} (A {n}×{d}, M={m})",
             ["measurement", "seconds", "x floor", "GFLOP/s", "peak worker RSS MiB", "note"],
             rows,
@@ -293,6 +317,10 @@ def main(argv=None) -> int:
             "threads": args.threads,
             "memory_limit": args.memory_limit,
             "repeat": args.repeat,
+            "warmup": args.warmup,
+            "rounds": [
+                {"used": timed, **{k: round(v, 3) for k, v in t.items()}} for _, timed, t in runs
+            ],
             "generate_s": round(gen_s, 3),
             "compress_s": round(best["compress"], 3),
             "compress_stage_s": res.stage_seconds,

@@ -22,15 +22,21 @@ from __future__ import annotations
 
 from functools import partial
 
+import dask
 import numpy as np
 
 from ._array import to_numpy
-from .api import LOW_RANK_METHODS, CompressionConfig, make_config
+from .api import (
+    LOW_RANK_METHODS,
+    ROTATED_METHODS,
+    CompressionConfig,
+    basis_rotation,
+    make_config,
+)
 from .engine import (
     Stages,
     decode,
     encode,
-    global_ranges,
     gram,
     left_multiply,
     right_multiply,
@@ -222,6 +228,16 @@ def _sample_columns(d: int, *, group: int, sample_cols: int, seed: int) -> np.nd
     return cols
 
 
+def _column_ranges(blocks, spec):
+    from .quantize import merge_ranges
+
+    out = None
+    for b in blocks:
+        r = block_range(b, spec=spec)
+        out = r if out is None else merge_ranges(out, r)
+    return to_numpy(out[0]), to_numpy(out[1])
+
+
 def _inverse_cholesky(g: np.ndarray) -> np.ndarray | None:
     """C⁻¹ for G = C·Cᵀ when G is comfortably positive definite, else None (use gram_pinv)."""
     try:
@@ -281,14 +297,29 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
         (basis,) = stages.persist("search-basis", _times(basis, u))
         if method == "dsvd":
             given = left_multiply(sub, basis)
-    ranges = global_ranges(basis, QuantizerSpec(granularity="column"), stages, "search-ranges")
-    lefts = sorted({c[1] for c in candidates})
+    if method in ROTATED_METHODS:
+        # Each rank has its own rotation: score every (rank, B) basis on its own.
+        keys = sorted({(c[0], c[1]) for c in candidates})
+        bases = {key: _times(basis[:, : key[0]], basis_rotation(seed, key[0])) for key in keys}
+    else:
+        # Prefixes of one basis: every rank shares the quantized K-column basis of its B.
+        keys = sorted({(k, c[1]) for c in candidates})
+        bases = {key: basis for key in keys}
+    spec_col = QuantizerSpec(granularity="column")
+    parts = stages.compute(
+        "search-ranges",
+        *[
+            dask.delayed(_column_ranges)(bases[key].to_delayed().ravel().tolist(), spec_col)
+            for key in keys
+        ],
+    )
     work = []
-    for bl in lefts:
-        spec = make(candidates[0][0], bl, candidates[0][2], candidates[0][3]).left
+    for key, ranges in zip(keys, parts, strict=True):
+        spec = make(key[0], key[1], candidates[0][2], candidates[0][3]).left
         lo, hi = (None, None) if spec.is_float else ranges
-        lhat = basis.map_blocks(_fake_quant_block, spec=spec, lo=lo, hi=hi, dtype=a.dtype)
+        lhat = bases[key].map_blocks(_fake_quant_block, spec=spec, lo=lo, hi=hi, dtype=a.dtype)
         work += [gram(lhat), left_multiply(sub, lhat)]
+    lefts = keys
     norms = [(sub.astype(np.float64) ** 2).sum(), (orig_sub.astype(np.float64) ** 2).sum()]
     out = stages.compute("search-evaluate", *work, *norms, *([given] if given is not None else []))
     out = [to_numpy(x) for x in out]
@@ -297,15 +328,16 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
     given_np = out[-1] if given is not None else None
     # The Cholesky factor C of G_K, and its inverse, restricted to the leading m × m block are
     # those of G_m: one factorization per left bit width serves every candidate rank.
-    inv_chol = {bl: _inverse_cholesky(g) for bl, (g, _) in per_left.items()}
+    inv_chol = {key: _inverse_cholesky(g) for key, (g, _) in per_left.items()}
     errors = []
     for m, bl, br, bm in candidates:
-        g_full, p_full = per_left[bl]
+        key = (m, bl) if (m, bl) in per_left else (k, bl)
+        g_full, p_full = per_left[key]
         g, p = g_full[:m, :m], p_full[:m]
         if given_np is not None:
             r = given_np[:m]
-        elif inv_chol[bl] is not None:
-            ci = inv_chol[bl][:m, :m]
+        elif inv_chol[key] is not None:
+            ci = inv_chol[key][:m, :m]
             r = ci.T @ (ci @ p)
         else:
             r = gram_pinv(g) @ p

@@ -33,6 +33,7 @@ STREAM_DITHER_LEFT = 1
 STREAM_DITHER_RIGHT = 2
 STREAM_DITHER_MATRIX = 3
 STREAM_LPLR_SVD_MIX = 4
+STREAM_BASIS_ROTATION = 5
 
 
 def block_generator(seed: int, stream: int, *key: int) -> np.random.Generator:

@@ -176,7 +176,7 @@ def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> 
         rshape = spec.range_shape(shape)
         rchunks = {
             "tensor": (1, 1),
-            "column": (1, cols),
+            "column": (1, ccol),
             "row": (crow, 1),
             "group": (crow, -(-ccol // (spec.group_size or 1))),
         }[spec.granularity]
