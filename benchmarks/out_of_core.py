@@ -303,6 +303,14 @@ def _scan_events(client) -> dict:
 # ----------------------------------------------------------------------------- main
 
 
+def _safe(fn, default):
+    try:
+        return fn()
+    except Exception as exc:
+        print(f"# (diagnostic call failed: {exc!r})")
+        return default
+
+
 def _other_role(cmdline: str) -> str:
     if "resource_tracker" in cmdline:
         return "mp-resource-tracker (multiprocessing helper)"
@@ -476,12 +484,12 @@ def main(argv=None) -> int:
         compress_wall = t_end - t_start
 
         # ------------------------------------------------------------------ after-the-fact
-        alive = status != "timeout"
-        workers_after = client.run(os.getpid) if alive else {}
-        nanny_after = client.run(_nanny_view, nanny=True) if alive else {}
-        spill = client.run(_spill_stats) if alive else {}
-        sched_metrics = client.run_on_scheduler(_scheduler_metrics) if alive else {}
-        for pid, role in _roles(client).items() if alive else ():
+        # Also after a timeout or an error: the cluster is still up, and these are the clues.
+        workers_after = _safe(lambda: client.run(os.getpid), {})
+        nanny_after = _safe(lambda: client.run(_nanny_view, nanny=True), {})
+        spill = _safe(lambda: client.run(_spill_stats), {})
+        sched_metrics = _safe(lambda: client.run_on_scheduler(_scheduler_metrics), {})
+        for pid, role in _safe(lambda: _roles(client), {}).items():
             roles.setdefault(pid, role + " (new)")
         events = _scan_events(client)
         log_lines = _collect_log_lines(client, capture)
