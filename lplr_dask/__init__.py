@@ -3,8 +3,8 @@
 The public API::
 
     compress(source, output, *, rank=..., budget=..., method="lplr", ...) -> CompressionResult
-    open_compressed(path) -> CompressedMatrix     # readers: L, R, reconstruction, matvec
-    relative_error(source, path) -> float         # independent blockwise check
+    lplr_dask.reader.open_compressed(path) -> CompressedMatrix  # L, R, reconstruction, matvec
+    lplr_dask.reader.relative_error(source, path) -> float      # independent blockwise check
     QuantizerSpec                                 # the quantizer of one factor
 """
 

@@ -24,6 +24,7 @@ from .engine import (
     quantize_left,
     right_multiply,
     sketch_matrix,
+    sketch_with_norms,
     tile_sumsq,
 )
 from .errors import NonFiniteInputError, ParameterError
@@ -235,6 +236,14 @@ def _check_finite(sumsq: np.ndarray, a: da.Array, source: str) -> None:
         )
 
 
+def check_finite_input(norm2: float, a: da.Array, source: str, stages: Stages) -> None:
+    """Raise NonFiniteInputError naming a tile when ‖A‖² is not finite (one extra pass over A,
+    only in that case)."""
+    if not np.isfinite(norm2):
+        (sumsq,) = stages.compute("locate-non-finite", tile_sumsq(a))
+        _check_finite(to_numpy(sumsq), a, source)
+
+
 def _orthonormalize(y: da.Array) -> da.Array:
     rows = max(y.shape[1], max(y.chunks[0]))
     if min(y.chunks[0][:-1] or (rows,)) < y.shape[1] or y.chunks[0][-1] < y.shape[1]:
@@ -336,9 +345,9 @@ def _run_low_rank(
         k = cfg.rank + max(cfg.n_oversamples, 10)
         k = min(k, min(n, d))
     s = sketch_matrix(d, k, seed=cfg.seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
-    y, sumsq, *extra = stages.persist("sketch", right_multiply(a, s), tile_sumsq(a), *extra_sketch)
-    sumsq = to_numpy(sumsq.compute())
-    _check_finite(sumsq, a, source)  # before any factorization sees a NaN
+    ext, *extra = stages.persist("sketch", sketch_with_norms(a, s), *extra_sketch)
+    y, norm2 = ext[:, : s.shape[1]], float(ext[:, -1].sum().compute())
+    check_finite_input(norm2, a, source, stages)  # before any factorization sees a NaN
     for _ in range(cfg.n_power_iter):
         q = _orthonormalize(y)
         (z,) = stages.persist("power-iteration", _orthonormalize(left_multiply(a, q).T))
@@ -384,7 +393,7 @@ def _run_low_rank(
         mode=mode,
         given=given,
     )
-    return float(sumsq.sum()), rp, rgr, sumsq, extra
+    return norm2, rp, rgr, None, extra
 
 
 def compress(

@@ -41,7 +41,7 @@ from .engine import (
     left_multiply,
     right_multiply,
     sketch_matrix,
-    tile_sumsq,
+    sketch_with_norms,
 )
 from .errors import ParameterError
 from .inputs import InputMatrix
@@ -259,7 +259,7 @@ def _fake_quant_block(x, *, spec, lo, hi):
 
 def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, method, n_power_iter):
     """Estimated relative errors of ``candidates`` [(m, B, B′, B_nq)] from one sketch pass."""
-    from .api import _check_finite, _nq_residual, _orthonormalize, _times
+    from .api import _nq_residual, _orthonormalize, _times, check_finite_input
 
     a = matrix.data
     _n, d = a.shape
@@ -278,10 +278,9 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
         a = a.map_blocks(_nq_residual, spec=cfg0.matrix, lo=None, hi=None, seed=seed, dtype=a.dtype)
     sub = a[:, cols].rechunk({1: -1})
     s = sketch_matrix(d, k, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
-    y, sub, orig_sub, sumsq = stages.persist(
-        "search-sketch", right_multiply(a, s), sub, orig_sub, tile_sumsq(a)
-    )
-    _check_finite(to_numpy(sumsq.compute()), a, matrix.path or "array")
+    ext, sub, orig_sub = stages.persist("search-sketch", sketch_with_norms(a, s), sub, orig_sub)
+    y = ext[:, :k]
+    check_finite_input(float(ext[:, -1].sum().compute()), a, matrix.path or "array", stages)
     for _ in range(n_power_iter or 0):
         q = _orthonormalize(y)
         (z,) = stages.persist("search-power-iteration", _orthonormalize(left_multiply(a, q).T))

@@ -168,7 +168,33 @@ def left_multiply(a: da.Array, left: da.Array) -> da.Array:
 
 def _sumsq(block):
     xp = array_namespace(block)
-    return to_numpy(xp.sum(xp.square(block.astype(np.float64)))).reshape(1, 1)
+    return to_numpy(xp.einsum("ij,ij->", block, block, dtype=np.float64)).reshape(1, 1)
+
+
+def _mm_sq_partial(a, b):
+    # The sketch partial plus the tile's row sums of squares as one more column, so each tile
+    # of A has a single consumer and is freed as soon as its GEMM is done (streaming).
+    xp = array_namespace(a)
+    y = xp.matmul(a, b.astype(a.dtype, copy=False)).astype(np.float64)
+    sq = xp.einsum("ij,ij->i", a, a, dtype=np.float64)
+    return xp.concatenate([y, sq[:, None]], axis=1)[:, None, :]
+
+
+def sketch_with_norms(a: da.Array, s: da.Array) -> da.Array:
+    """[A·S | row ‖A_i‖²] (n × (k + 1), float64) in one streaming pass over A."""
+    k = s.shape[1]
+    part = da.blockwise(
+        _mm_sq_partial,
+        "ijk",
+        a,
+        "ij",
+        s,
+        "jk",
+        dtype=np.float64,
+        adjust_chunks={"j": 1, "k": k + 1},
+        concatenate=False,
+    )
+    return part.sum(axis=1, split_every=8)
 
 
 def tile_sumsq(a: da.Array) -> da.Array:
