@@ -1,8 +1,6 @@
 """Shared helpers of the benchmark scripts (not a benchmark itself).
 
-- :func:`write_matrix`: a seeded low-rank-plus-noise float32 matrix written to a Zarr v3 array
-  tile by tile, one Dask task per tile (a task generates its tile and writes it; nothing else
-  is held), so generation needs one tile of memory per worker thread.
+- :func:`write_matrix`: the library's seeded low-rank-plus-noise test matrix, timed.
 - :class:`RssSampler`: a background thread that samples the resident set size of the driver
   process and all its descendants (scheduler, nannies, workers) every ``interval`` seconds.
 - :class:`Workdir`: the scratch directory, created and removed unless ``--keep``.
@@ -17,79 +15,22 @@ import threading
 import time
 from pathlib import Path
 
-import numpy as np
-
 MiB = 2**20
 GiB = 2**30
 
-# Random streams of the generator, keyed (seed, stream, block coordinates): no global RNG.
-_STREAM_U, _STREAM_V, _STREAM_NOISE = 101, 102, 103
 
+def write_matrix(path, n, d, *, chunk=4096, true_rank=64, decay=0.95, noise=0.1, seed=0):
+    """Write the n × d float32 test matrix (:func:`lplr_dask.datasets.low_rank_plus_noise`:
+    singular values ``decay**i`` for i < ``true_rank``, a fraction ``noise`` of ‖A‖_F in Gaussian
+    noise) to an uncompressed Zarr v3 array, tile by tile on the active Dask scheduler.
+    Returns the seconds it took."""
+    from lplr_dask.datasets import low_rank_plus_noise
 
-def _rng(seed: int, *key: int) -> np.random.Generator:
-    return np.random.Generator(np.random.PCG64(np.random.SeedSequence(seed, spawn_key=key)))
-
-
-def signal_weights(true_rank: int, decay: float) -> np.ndarray:
-    """Column weights w_k = decay**k, normalized so that the signal entries have variance 1."""
-    w = decay ** np.arange(true_rank, dtype=np.float64)
-    return (w / np.sqrt(np.sum(w * w))).astype(np.float32)
-
-
-def make_tile(i, j, rows, cols, *, true_rank, decay, noise, seed):
-    """Tile (i, j) of A = U·diag(w)·Vᵀ + noise·N, U, V, N standard normal.
-
-    The rows of U in row block i come from (seed, i), those of V in column block j from
-    (seed, j), N's tile from (seed, i, j): any tile can be made alone, in any order, anywhere.
-    """
-    w = signal_weights(true_rank, decay)
-    u = _rng(seed, _STREAM_U, i).standard_normal((rows, true_rank), dtype=np.float32)
-    v = _rng(seed, _STREAM_V, j).standard_normal((cols, true_rank), dtype=np.float32)
-    tile = _rng(seed, _STREAM_NOISE, i, j).standard_normal((rows, cols), dtype=np.float32)
-    tile *= np.float32(noise)
-    tile += (u * w) @ v.T
-    return tile
-
-
-def _write_tile(path, i, j, r0, r1, c0, c1, kw):
-    import zarr
-
-    tile = make_tile(i, j, r1 - r0, c1 - c0, **kw)
-    zarr.open_array(path, mode="r+")[r0:r1, c0:c1] = tile
-    return float(np.sum(tile.astype(np.float64) ** 2))
-
-
-def write_matrix(
-    path, n, d, *, chunk=4096, true_rank=64, decay=0.95, noise=0.1, seed=0, compressor="none"
-):
-    """Write the n × d float32 test matrix to a Zarr v3 array at ``path``, tile by tile.
-
-    Runs one task per (chunk × chunk) tile on the active Dask scheduler. Returns
-    (seconds, ‖A‖_F²). ``compressor``: ``"none"`` (raw bytes) or ``"default"`` (Zarr's).
-    """
-    import dask
-    import zarr
-
-    kw = {} if compressor == "default" else {"compressors": None}
-    zarr.create_array(
-        str(path),
-        shape=(n, d),
-        chunks=(chunk, chunk),
-        dtype="float32",
-        zarr_format=3,
-        fill_value=0.0,
-        overwrite=True,
-        **kw,
-    )
-    opts = dict(true_rank=true_rank, decay=decay, noise=noise, seed=seed)
-    tasks = []
-    for i, r0 in enumerate(range(0, n, chunk)):
-        for j, c0 in enumerate(range(0, d, chunk)):
-            r1, c1 = min(r0 + chunk, n), min(c0 + chunk, d)
-            tasks.append(dask.delayed(_write_tile)(str(path), i, j, r0, r1, c0, c1, opts))
     t0 = time.perf_counter()
-    sums = dask.compute(*tasks)
-    return time.perf_counter() - t0, float(sum(sums))
+    low_rank_plus_noise(
+        path, (n, d), rank=true_rank, decay=decay, noise=noise, chunks=(chunk, chunk), seed=seed
+    )
+    return time.perf_counter() - t0
 
 
 def dir_bytes(path) -> int:

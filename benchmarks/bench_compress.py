@@ -89,7 +89,7 @@ def parse_args(argv=None):
         help="n_power_iter of svd_compressed (Dask's default)",
     )
     p.add_argument("--true-rank", type=int, default=64, help="rank of the signal in A")
-    p.add_argument("--noise", type=float, default=0.1, help="noise std (signal entries: 1)")
+    p.add_argument("--noise", type=float, default=0.1, help="fraction of ‖A‖_F that is noise")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", default="/tmp/lplr-bench")
     p.add_argument("--keep", action="store_true", help="keep the workdir and its data")
@@ -143,7 +143,7 @@ def main(argv=None) -> int:
             f"rank {m}; cluster {args.workers} workers × {args.threads} thread(s), "
             f"memory_limit={args.memory_limit}; workdir {wd.path}"
         )
-        gen_s, _ = write_matrix(
+        gen_s = write_matrix(
             a_path,
             n,
             d,

@@ -102,6 +102,9 @@ class CompressionResult:
     n_power_iter: int
     stage_seconds: dict = field(default_factory=dict)
     budget: float | None = None
+    budget_search: list = field(default_factory=list)
+    """With ``budget``: every candidate scored (rank, bits, bits_per_entry,
+    estimated_rel_error), as :func:`lplr_dask.budget.choose_config` measured them."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -309,35 +312,30 @@ def _nq_residual(a, *, spec, lo, hi, seed, block_info=None):
     return a - ahat
 
 
-def _quantize_matrix(a, spec, root, stages, seed):
-    """nq: quantize A directly, one pass (two for per-matrix ranges). Returns (‖A‖², err²) and
-    the lazy residual A − Q(A)."""
+def _quantize_matrix(a, spec, root, stages, seed, source):
+    """Q(A) for ``nq`` and ``nq+lplr``: write its codes in a pass of its own (one more for
+    per-matrix ranges). Returns ‖A‖², ‖A − Q(A)‖² and the lazy residual A − Q(A)."""
     lo = hi = None
     writer = create_factor(root, "Q", a.shape, spec, a.chunksize)
     if not spec.is_float and spec.granularity == "tensor":
         lo, hi = global_ranges(a, spec, stages, "matrix-ranges")
-        if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
-            return None, None, None
+        check_finite_input(float(hi.sum() - lo.sum()), a, source, stages)
         writer.write_ranges(lo, hi)
     kw = dict(spec=spec, lo=lo, hi=hi, seed=seed)
-    stats = a.map_blocks(
-        _nq_write_stats,
-        writer=writer,
-        chunks=((1,) * a.numblocks[0], (2,) * a.numblocks[1]),
-        dtype=np.float64,
-        **kw,
-    )
+    chunks = ((1,) * a.numblocks[0], (2,) * a.numblocks[1])
+    stats = a.map_blocks(_nq_write_stats, writer=writer, chunks=chunks, dtype=np.float64, **kw)
+    (s,) = stages.compute("quantize-matrix", stats)
+    s = to_numpy(s).reshape(a.numblocks[0], a.numblocks[1], 2)
+    _check_finite(s[..., 0], a, source)
     residual = a.map_blocks(_nq_residual, dtype=a.dtype, **kw)
-    return stats, residual, writer
+    return float(s[..., 0].sum()), float(s[..., 1].sum()), residual
 
 
-def _run_low_rank(
-    a: da.Array, cfg: CompressionConfig, root: Path, stages: Stages, source: str, extra_sketch=()
-):
+def _run_low_rank(a: da.Array, cfg: CompressionConfig, root: Path, stages: Stages, source: str):
     """Every low-rank method: sketch, basis, quantized L, projection and quantized R.
 
-    Returns (‖a‖², ⟨R̂, P⟩, ⟨R̂, G R̂⟩, per-tile Σa², results of ``extra_sketch``); raises
-    NonFiniteInputError right after the sketch pass if a tile holds NaN or Inf."""
+    Returns (‖a‖², ⟨R̂, P⟩, ⟨R̂, G R̂⟩); raises NonFiniteInputError right after the sketch pass
+    if a tile holds NaN or Inf."""
     n, d = a.shape
     k = cfg.rank + cfg.n_oversamples
     svd = cfg.method in ("dsvd", "lplr-svd")
@@ -345,7 +343,7 @@ def _run_low_rank(
         k = cfg.rank + max(cfg.n_oversamples, 10)
         k = min(k, min(n, d))
     s = sketch_matrix(d, k, seed=cfg.seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
-    ext, *extra = stages.persist("sketch", sketch_with_norms(a, s), *extra_sketch)
+    (ext,) = stages.persist("sketch", sketch_with_norms(a, s))
     y, norm2 = ext[:, : s.shape[1]], float(ext[:, -1].sum().compute())
     check_finite_input(norm2, a, source, stages)  # before any factorization sees a NaN
     for _ in range(cfg.n_power_iter):
@@ -393,7 +391,7 @@ def _run_low_rank(
         mode=mode,
         given=given,
     )
-    return norm2, rp, rgr, None, extra
+    return norm2, rp, rgr
 
 
 def compress(
@@ -495,81 +493,58 @@ def compress(
         output, overwrite=overwrite, inputs=[matrix.path] if matrix.path else ()
     )
     stages = Stages(on_stage)
-    common = dict(group_size=group_size, seed=seed, rounding=rounding)
-    if budget is not None:
-        if rank is not None:
-            raise ParameterError("Give either rank or budget, not both.")
+    if budget is not None and rank is not None:
+        raise ParameterError("Give either rank or budget, not both.")
+    params = dict(
+        method=method,
+        bits_left=bits_left,
+        bits_right=bits_right,
+        bits_matrix=bits_matrix,
+        group_size=group_size,
+        n_oversamples=n_oversamples,
+        n_power_iter=n_power_iter,
+        seed=seed,
+        rounding=rounding,
+    )
+    search = []
+    if budget is None:
+        cfg = make_config(shape=matrix.shape, rank=rank, **params)
+    else:
         from .budget import choose_config
 
-        cfg = choose_config(
-            matrix,
-            budget=budget,
-            method=method,
-            bits_left=bits_left,
-            bits_right=bits_right,
-            bits_matrix=bits_matrix,
-            n_oversamples=n_oversamples,
-            n_power_iter=n_power_iter,
-            max_rank=max_rank,
-            stages=stages,
-            **common,
-        )
-    else:
-        cfg = make_config(
-            method=method,
-            shape=matrix.shape,
-            rank=rank,
-            bits_left=bits_left,
-            bits_right=bits_right,
-            bits_matrix=bits_matrix,
-            n_oversamples=n_oversamples,
-            n_power_iter=n_power_iter,
-            **common,
+        cfg, search = choose_config(
+            matrix, budget=budget, max_rank=max_rank, stages=stages, **params
         )
     with temporary_output(out) as tmp:
         zarr.open_group(str(tmp), mode="w")
         rel = _execute(matrix, cfg, tmp, stages)
-        result = _result(
-            out, matrix, cfg, rel, stages, time.perf_counter() - t_start, budget, group_size
-        )
+        seconds = time.perf_counter() - t_start
+        result = _result(out, matrix, cfg, rel, stages, seconds, budget, group_size, search)
         write_metadata(tmp, _metadata(result, cfg, matrix))
         publish(tmp, out)
     return result
 
 
 def _execute(matrix: InputMatrix, cfg: CompressionConfig, root: Path, stages: Stages) -> float:
-    a = matrix.data
-    src = matrix.path or "array"
-    if cfg.method == "nq":
-        stats, _, _ = _quantize_matrix(a, cfg.matrix, root, stages, cfg.seed)
-        if stats is None:
-            (sumsq,) = stages.compute("check", tile_sumsq(a))
-            _check_finite(to_numpy(sumsq), a, src)
-        (s,) = stages.compute("quantize-matrix", stats)
-        s = to_numpy(s).reshape(a.numblocks[0], a.numblocks[1], 2)
-        _check_finite(s[..., 0], a, src)
-        return float(np.sqrt(s[..., 1].sum() / s[..., 0].sum())) if s[..., 0].sum() > 0 else 0.0
-    if cfg.method == "nq+lplr":
-        stats, residual, _ = _quantize_matrix(a, cfg.matrix, root, stages, cfg.seed)
-        if stats is None:
-            (sumsq,) = stages.compute("check", tile_sumsq(a))
-            _check_finite(to_numpy(sumsq), a, src)
-        # The residual pass re-quantizes each tile (cheap next to the GEMM); Q(A)'s codes are
-        # written during the sketch pass, which reads each tile once for both.
-        res2, rp, rgr, _, (s,) = _run_low_rank(
-            residual, cfg, root, stages, src, extra_sketch=(stats,)
-        )
-        s = to_numpy(s.compute()).reshape(a.numblocks[0], a.numblocks[1], 2)
-        _check_finite(s[..., 0], a, src)
-        norm2 = float(s[..., 0].sum())
-        err2 = max(res2 - 2 * rp + rgr, 0.0)
-        return float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
-    norm2, rp, rgr, _, _ = _run_low_rank(a, cfg, root, stages, src)
-    err2 = max(norm2 - 2 * rp + rgr, 0.0)
-    return float(np.sqrt(err2 / norm2)) if norm2 > 0 else 0.0
+    """Run ``cfg`` on the input, writing under ``root``; return the relative error."""
+    a, source = matrix.data, matrix.path or "array"
+    if cfg.matrix is None:
+        norm2, rp, rgr = _run_low_rank(a, cfg, root, stages, source)
+        return _relative(norm2 - 2 * rp + rgr, norm2)
+    norm2, err2, residual = _quantize_matrix(a, cfg.matrix, root, stages, cfg.seed, source)
+    if cfg.rank:  # nq+lplr: LPLR of the residual, re-quantized tile by tile in each pass
+        res2, rp, rgr = _run_low_rank(residual, cfg, root, stages, source)
+        err2 = res2 - 2 * rp + rgr
+    return _relative(err2, norm2)
 
 
-def _result(out, matrix, cfg, rel, stages, seconds, budget, group_size) -> CompressionResult:
+def _relative(err2: float, norm2: float) -> float:
+    return float(np.sqrt(max(err2, 0.0) / norm2)) if norm2 > 0 else 0.0
+
+
+def _result(
+    out, matrix, cfg, rel, stages, seconds, budget, group_size, search
+) -> CompressionResult:
     shape = matrix.shape
     return CompressionResult(
         output=str(out),
@@ -590,6 +565,7 @@ def _result(out, matrix, cfg, rel, stages, seconds, budget, group_size) -> Compr
         n_power_iter=cfg.n_power_iter,
         stage_seconds={k: round(v, 4) for k, v in stages.seconds.items()},
         budget=budget,
+        budget_search=search,
     )
 
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 from functools import partial
 
-import dask
 import numpy as np
 
 from ._array import to_numpy
@@ -37,8 +36,10 @@ from .engine import (
     Stages,
     decode,
     encode,
+    global_ranges_many,
     gram,
     left_multiply,
+    quantize_rows_block,
     right_multiply,
     sketch_matrix,
     sketch_with_norms,
@@ -104,11 +105,15 @@ def choose_config(
     max_rank=512,
     stages: Stages | None = None,
     sample_cols: int = 2048,
-) -> CompressionConfig:
+) -> tuple[CompressionConfig, list[dict]]:
     """The configuration with the lowest measured error among those within ``budget``.
 
-    Returns a :class:`~lplr_dask.api.CompressionConfig`; its ``search`` table (candidates with
-    their estimated errors) is attached as ``choose_config.last_table`` for reporting.
+    Returns
+    -------
+    config : CompressionConfig
+    table : list of dict
+        Every candidate scored (rank, bits, bits_per_entry, estimated_rel_error); empty for
+        ``nq`` and ``paper``, which have one feasible choice.
 
     Raises
     ------
@@ -134,7 +139,7 @@ def choose_config(
         for b in choices:
             cfg = make_config(rank=None, bits_matrix=b, **kw)
             if cfg.bits_per_entry(shape) <= budget:
-                return cfg
+                return cfg, []
         raise _too_small(
             budget, shape, make_config(rank=None, bits_matrix=min(choices), **kw), "nq"
         )
@@ -150,7 +155,7 @@ def choose_config(
         m = min(cap, max_rank_for(shape, budget=budget, make=lambda r: make(r, bl, br)))
         if m < 1:
             raise _too_small(budget, shape, make(1, bl, br), f"paper with B={bl}, B'={br}")
-        return make(m, bl, br)
+        return make(m, bl, br), []
 
     matrix_bits = [None]
     if method == "nq+lplr":
@@ -167,18 +172,8 @@ def choose_config(
             if m >= 1:
                 candidates.append((m, bl, br, bm))
     if not candidates:
-        bm = matrix_bits[0]
-        raise _too_small(
-            budget,
-            shape,
-            make(
-                1,
-                min(_candidate_grid(bits_left, bits_right))[0],
-                min(_candidate_grid(bits_left, bits_right))[1],
-                bm,
-            ),
-            f"{method} at rank 1",
-        )
+        cheapest = min(_candidate_grid(bits_left, bits_right))
+        raise _too_small(budget, shape, make(1, *cheapest, matrix_bits[0]), f"{method} at rank 1")
     best = None
     table = []
     for bm in matrix_bits:
@@ -209,11 +204,7 @@ def choose_config(
             )
             if best is None or err < best[0]:
                 best = (err, cfg)
-    choose_config.last_table = table
-    return best[1]
-
-
-choose_config.last_table = []
+    return best[1], table
 
 
 def _sample_columns(d: int, *, group: int, sample_cols: int, seed: int) -> np.ndarray:
@@ -228,16 +219,6 @@ def _sample_columns(d: int, *, group: int, sample_cols: int, seed: int) -> np.nd
     return cols
 
 
-def _column_ranges(blocks, spec):
-    from .quantize import merge_ranges
-
-    out = None
-    for b in blocks:
-        r = block_range(b, spec=spec)
-        out = r if out is None else merge_ranges(out, r)
-    return to_numpy(out[0]), to_numpy(out[1])
-
-
 def _inverse_cholesky(g: np.ndarray) -> np.ndarray | None:
     """C⁻¹ for G = C·Cᵀ when G is comfortably positive definite, else None (use gram_pinv)."""
     try:
@@ -250,13 +231,6 @@ def _inverse_cholesky(g: np.ndarray) -> np.ndarray | None:
     return np.linalg.inv(c)
 
 
-def _fake_quant_block(x, *, spec, lo, hi):
-    from ._array import asarray_like
-
-    lo_b, hi_b = (None, None) if spec.is_float else (asarray_like(lo, x), asarray_like(hi, x))
-    return decode(encode(x, spec, lo_b, hi_b), spec, lo_b, hi_b, dtype=x.dtype)
-
-
 def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, method, n_power_iter):
     """Estimated relative errors of ``candidates`` [(m, B, B′, B_nq)] from one sketch pass."""
     from .api import _nq_residual, _orthonormalize, _times, check_finite_input
@@ -267,7 +241,10 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
     k = max(c[0] for c in candidates)
     group = cfg0.right.group_size if cfg0.right.granularity == "group" else 128
     cols = _sample_columns(d, group=group, sample_cols=sample_cols, seed=seed)
-    orig_sub = a[:, cols].rechunk({1: -1})
+    # The sample is read in a stage of its own: as a second consumer of A's tiles in the sketch
+    # stage it would make Dask read every tile before the first GEMM (no streaming).
+    (orig_sub,) = stages.persist("search-sample", a[:, cols].rechunk({1: -1}))
+    sub = orig_sub
     if cfg0.matrix is not None:
         # nq+lplr: the low-rank part models the residual of the group-wise quantizer Q(A).
         if not cfg0.matrix.is_float and cfg0.matrix.granularity == "tensor":
@@ -275,10 +252,13 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
                 "method='nq+lplr' with a budget needs group-wise scales for Q(A); set "
                 "--group-size to a multiple of 8 (such as 128)."
             )
-        a = a.map_blocks(_nq_residual, spec=cfg0.matrix, lo=None, hi=None, seed=seed, dtype=a.dtype)
-    sub = a[:, cols].rechunk({1: -1})
+        # Sampled columns are whole groups, so Q acts on the sample as on A (with stochastic
+        # rounding the dither differs from the real run's: an estimate, not the same codes).
+        residual = partial(_nq_residual, spec=cfg0.matrix, lo=None, hi=None, seed=seed)
+        a = a.map_blocks(residual, dtype=a.dtype)
+        (sub,) = stages.persist("search-sample", orig_sub.map_blocks(residual, dtype=a.dtype))
     s = sketch_matrix(d, k, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
-    ext, sub, orig_sub = stages.persist("search-sketch", sketch_with_norms(a, s), sub, orig_sub)
+    (ext,) = stages.persist("search-sketch", sketch_with_norms(a, s))
     y = ext[:, :k]
     check_finite_input(float(ext[:, -1].sum().compute()), a, matrix.path or "array", stages)
     for _ in range(n_power_iter or 0):
@@ -304,19 +284,23 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
         # Prefixes of one basis: every rank shares the quantized K-column basis of its B.
         keys = sorted({(k, c[1]) for c in candidates})
         bases = {key: basis for key in keys}
-    spec_col = QuantizerSpec(granularity="column")
-    parts = stages.compute(
-        "search-ranges",
-        *[
-            dask.delayed(_column_ranges)(bases[key].to_delayed().ravel().tolist(), spec_col)
-            for key in keys
-        ],
-    )
+    distinct = list({x.name: x for x in bases.values()}.values())
+    by_column = QuantizerSpec(granularity="column")
+    found = global_ranges_many(distinct, by_column, stages, "search-ranges")
+    ranges = {x.name: r for x, r in zip(distinct, found, strict=True)}
     work = []
-    for key, ranges in zip(keys, parts, strict=True):
+    for key in keys:
         spec = make(key[0], key[1], candidates[0][2], candidates[0][3]).left
-        lo, hi = (None, None) if spec.is_float else ranges
-        lhat = bases[key].map_blocks(_fake_quant_block, spec=spec, lo=lo, hi=hi, dtype=a.dtype)
+        lo, hi = (None, None) if spec.is_float else ranges[bases[key].name]
+        lhat = bases[key].map_blocks(
+            quantize_rows_block,
+            spec=spec,
+            lo=lo,
+            hi=hi,
+            seed=seed,
+            out_dtype=a.dtype,
+            dtype=a.dtype,
+        )
         work += [gram(lhat), left_multiply(sub, lhat)]
     lefts = keys
     norms = [(sub.astype(np.float64) ** 2).sum(), (orig_sub.astype(np.float64) ** 2).sum()]

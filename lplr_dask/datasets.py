@@ -66,6 +66,7 @@ def low_rank_plus_noise(
         shape=shape,
         chunks=tuple(min(c, s_) for c, s_ in zip(chunks, shape, strict=False)),
         dtype="float32",
+        compressors=None,  # noise does not compress; raw chunks read and write fastest
         overwrite=False,
     )
     lazy.to_zarr(arr)

@@ -31,7 +31,7 @@ from .random import (
     sketch_rows,
 )
 
-__all__ = ["StageCallback", "run_stage"]
+__all__ = ["StageCallback", "Stages"]
 
 StageCallback = Callable[[str, list], None]
 """Called as ``on_stage(stage_name, futures)`` when a stage has been submitted to a
@@ -83,11 +83,6 @@ class Stages:
         out = dask.compute(*persisted)
         self.seconds[name] += time.perf_counter() - t0
         return out
-
-
-def run_stage(name, *collections, on_stage=None):
-    """Compute ``collections`` as one named stage (public for the flows)."""
-    return Stages(on_stage).compute(name, *collections)
 
 
 # ----------------------------------------------------------------------------- block kernels
@@ -216,13 +211,21 @@ def _range_of(block, spec):
 def global_ranges(x: da.Array, spec: QuantizerSpec, stages: Stages, name: str):
     """Ranges of groups that span blocks (``tensor``, ``column`` over row blocks, ``row`` over
     column blocks): per-block partial ranges, merged on the driver. Output is float32."""
-    parts = stages.compute(
-        name, *[dask.delayed(_range_of)(b, spec) for b in x.to_delayed().ravel()]
-    )
-    lo, hi = parts[0]
-    for p in parts[1:]:
-        lo, hi = merge_ranges((lo, hi), p)
-    return lo, hi
+    return global_ranges_many([x], spec, stages, name)[0]
+
+
+def global_ranges_many(xs, spec: QuantizerSpec, stages: Stages, name: str) -> list:
+    """:func:`global_ranges` of several arrays in one stage."""
+    blocks = [x.to_delayed().ravel() for x in xs]
+    parts = stages.compute(name, *[dask.delayed(_range_of)(b, spec) for bs in blocks for b in bs])
+    out, start = [], 0
+    for bs in blocks:
+        lo, hi = parts[start]
+        for p in parts[start + 1 : start + len(bs)]:
+            lo, hi = merge_ranges((lo, hi), p)
+        out.append((lo, hi))
+        start += len(bs)
+    return out
 
 
 def encode(x, spec: QuantizerSpec, lo=None, hi=None, rng=None):
@@ -251,13 +254,16 @@ def _local_ranges(x, spec, lo, hi):
 # ----------------------------------------------------------------------------- left factor
 
 
-def _quantize_rows_block(x, *, spec, lo, hi, seed, writer, out_dtype, block_info=None):
+def quantize_rows_block(x, *, spec, lo, hi, seed, writer=None, out_dtype, block_info=None):
+    """Quantize one row block of a left factor (dither keyed by the block's row index), write
+    its codes when a ``writer`` is given, and return its dequantized values."""
     row0 = block_info[0]["array-location"][0][0]
     i = block_info[0]["chunk-location"][0]
     rng = block_generator(seed, STREAM_DITHER_LEFT, i) if spec.rounding == "stochastic" else None
     lo_b, hi_b, local = _local_ranges(x, spec, lo, hi)
     codes = encode(x, spec, lo_b, hi_b, rng)
-    writer.write(row0, 0, codes, *((lo_b, hi_b) if local else (None, None)))
+    if writer is not None:
+        writer.write(row0, 0, codes, *((lo_b, hi_b) if local else (None, None)))
     return decode(codes, spec, lo_b, hi_b, dtype=out_dtype)
 
 
@@ -271,7 +277,7 @@ def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype,
         lo, hi = global_ranges(x, spec, stages, "basis-ranges")
         writer.write_ranges(lo, hi)
     lhat = x.map_blocks(
-        _quantize_rows_block,
+        quantize_rows_block,
         spec=spec,
         lo=lo,
         hi=hi,
@@ -290,7 +296,6 @@ def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype,
 
 
 def _panel_values(p, extra, *, coef, mode):
-    array_namespace(p)
     c = asarray_like(coef, p)
     return c @ (extra if mode == "given" else p)
 

@@ -134,8 +134,7 @@ def open_input(source, *, block_shape=None, group_size: int | None = None) -> In
     compute = np.float64 if dtype == np.float64 else np.float32
     if data.dtype != compute:
         data = data.astype(compute)
-    if data.chunksize != block or any(len(set(c[:-1])) > 1 for c in data.chunks):
-        data = data.rechunk(block, method="tasks")
+    data = data.rechunk(block, method="tasks")  # no-op when already on the canonical grid
     return InputMatrix(
         data=data, source_dtype=dtype.name, path=str(path) if path else None, block_shape=block
     )

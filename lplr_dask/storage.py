@@ -35,7 +35,7 @@ import numpy as np
 import zarr
 
 from .errors import OutputExistsError, StorageFormatError
-from .packing import BIT_ORDER, decode_float, encode_float, pack_codes, packed_width, unpack_codes
+from .packing import BIT_ORDER, decode_float, pack_codes, packed_width, unpack_codes
 from .quantize import QuantizerSpec, dequantize
 
 __all__ = [
@@ -241,10 +241,9 @@ def read_factor_block(
     if spec.is_float:
         return decode_float(codes_arr[r0:r1, c0:c1], spec.float_format, dtype)
     b = spec.bits
-    packed = codes_arr[r0:r1, c0 * b // 8 : packed_width(c1, b)]
-    # When c0*b is not a whole byte the caller asked for an unaligned block; refuse loudly.
     if (c0 * b) % 8:
         raise ValueError(f"column offset {c0} is not byte-aligned for {b}-bit codes")
+    packed = codes_arr[r0:r1, c0 * b // 8 : packed_width(c1, b)]
     codes = unpack_codes(packed, b, c1 - c0)
     hi = zarr.open_array(os.path.join(path, "hi"), mode="r")
     lo = zarr.open_array(os.path.join(path, "lo"), mode="r") if not spec.symmetric else None
@@ -260,11 +259,6 @@ def read_factor_block(
     hi_b = hi[rsl, csl]
     lo_b = lo[rsl, csl] if lo is not None else -hi_b
     return dequantize(codes, lo_b, hi_b, spec=spec, dtype=dtype)
-
-
-def encode_block(values, spec: QuantizerSpec):
-    """Float16/bfloat16 bit patterns of a block (16-bit passthrough)."""
-    return encode_float(values, spec.float_format)
 
 
 def bytes_on_disk(path) -> dict:

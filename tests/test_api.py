@@ -151,11 +151,9 @@ def test_codes_on_disk_match_reported_bits(tmp_path):
 
 
 def test_budget_is_respected_and_search_is_exact_on_small_inputs(tmp_path, decaying_zarr):
-    from lplr_dask.budget import choose_config
-
     res = compress(decaying_zarr, tmp_path / "o.zarr", budget=1.0, block_shape=BLOCK)
     assert res.bits_per_entry <= 1.0
-    table = choose_config.last_table
+    table = res.budget_search
     best = min(table, key=lambda r: r["estimated_rel_error"])
     assert (best["rank"], best["bits_left"], best["bits_right"]) == (
         res.rank,
