@@ -2,15 +2,11 @@
 
 from __future__ import annotations
 
-import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
 import dask.array as da
 import numpy as np
-import zarr
 
-from . import __version__
 from ._array import array_namespace, asarray_like, to_numpy
 from .engine import (
     StageCallback,
@@ -18,31 +14,17 @@ from .engine import (
     decode,
     encode,
     global_ranges,
-    gram,
-    left_multiply,
-    project_and_quantize,
-    quantize_left,
-    right_multiply,
-    sketch_matrix,
-    sketch_with_norms,
     tile_sumsq,
 )
 from .errors import NonFiniteInputError, ParameterError
-from .inputs import InputMatrix, open_input
-from .linalg import gram_pinv, top_eigenvectors
 from .quantize import QuantizerSpec, block_range
 from .random import (
     STREAM_BASIS_ROTATION,
     STREAM_DITHER_MATRIX,
-    STREAM_LPLR_SVD_MIX,
     block_generator,
 )
 from .storage import (
-    check_output_path,
     create_factor,
-    publish,
-    temporary_output,
-    write_metadata,
 )
 
 __all__ = ["METHODS", "CompressionConfig", "CompressionResult", "compress", "make_config"]
@@ -79,6 +61,21 @@ class CompressionConfig:
     def bits_per_entry(self, shape) -> float:
         return 8.0 * self.nbytes(shape) / (shape[0] * shape[1])
 
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for name in ("left", "right", "matrix"):
+            spec = getattr(self, name)
+            d[name] = spec.to_dict() if spec is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompressionConfig:
+        specs = {
+            name: QuantizerSpec.from_dict(d[name]) if d.get(name) else None
+            for name in ("left", "right", "matrix")
+        }
+        return cls(**{**d, **specs})
+
 
 @dataclass(frozen=True)
 class CompressionResult:
@@ -105,6 +102,8 @@ class CompressionResult:
     budget_search: list = field(default_factory=list)
     """With ``budget``: every candidate scored (rank, bits, bits_per_entry,
     estimated_rel_error), as :func:`lplr_dask.budget.choose_config` measured them."""
+    reused_stages: list = field(default_factory=list)
+    """Stages a resumed job took from an earlier run (see :mod:`lplr_dask.job`)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -314,7 +313,8 @@ def _nq_residual(a, *, spec, lo, hi, seed, block_info=None):
 
 def _quantize_matrix(a, spec, root, stages, seed, source):
     """Q(A) for ``nq`` and ``nq+lplr``: write its codes in a pass of its own (one more for
-    per-matrix ranges). Returns ‖A‖², ‖A − Q(A)‖² and the lazy residual A − Q(A)."""
+    per-matrix ranges). Returns ‖A‖², ‖A − Q(A)‖² and the per-matrix (lo, hi) or (None, None);
+    the residual A − Q(A) is ``a.map_blocks(_nq_residual, ...)`` with those ranges."""
     lo = hi = None
     writer = create_factor(root, "Q", a.shape, spec, a.chunksize)
     if not spec.is_float and spec.granularity == "tensor":
@@ -327,71 +327,7 @@ def _quantize_matrix(a, spec, root, stages, seed, source):
     (s,) = stages.compute("quantize-matrix", stats)
     s = to_numpy(s).reshape(a.numblocks[0], a.numblocks[1], 2)
     _check_finite(s[..., 0], a, source)
-    residual = a.map_blocks(_nq_residual, dtype=a.dtype, **kw)
-    return float(s[..., 0].sum()), float(s[..., 1].sum()), residual
-
-
-def _run_low_rank(a: da.Array, cfg: CompressionConfig, root: Path, stages: Stages, source: str):
-    """Every low-rank method: sketch, basis, quantized L, projection and quantized R.
-
-    Returns (‖a‖², ⟨R̂, P⟩, ⟨R̂, G R̂⟩); raises NonFiniteInputError right after the sketch pass
-    if a tile holds NaN or Inf."""
-    n, d = a.shape
-    k = cfg.rank + cfg.n_oversamples
-    svd = cfg.method in ("dsvd", "lplr-svd")
-    if svd:
-        k = cfg.rank + max(cfg.n_oversamples, 10)
-        k = min(k, min(n, d))
-    s = sketch_matrix(d, k, seed=cfg.seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
-    (ext,) = stages.persist("sketch", sketch_with_norms(a, s))
-    y, norm2 = ext[:, : s.shape[1]], float(ext[:, -1].sum().compute())
-    check_finite_input(norm2, a, source, stages)  # before any factorization sees a NaN
-    for _ in range(cfg.n_power_iter):
-        q = _orthonormalize(y)
-        (z,) = stages.persist("power-iteration", _orthonormalize(left_multiply(a, q).T))
-        (y,) = stages.persist("power-iteration", right_multiply(a, z))
-    coef, mode, given = None, "lstsq", None
-    if cfg.method == "paper":
-        basis = y  # Algorithm 1: L = Q(A·S), no orthonormalization
-    else:
-        (q,) = stages.persist("orthonormalize", _orthonormalize(y))
-        basis = q
-        if svd or cfg.n_oversamples:
-            # One pass: B = QᵀA (k × d, kept on the workers), its Gram B·Bᵀ, top eigenvectors.
-            b = left_multiply(a, q)
-            (b,) = stages.persist("truncate", b)
-            (bbt,) = stages.compute("truncate", gram(b.T))
-            u, w = top_eigenvectors(to_numpy(bbt), cfg.rank)
-            if cfg.method == "dsvd":
-                coef, mode, given = u.T, "given", b  # R = Σ_k V_kᵀ = U_bᵀ B
-            elif cfg.method == "lplr-svd":
-                # Z = U_k Σ_k Ω with Ω a k × k Gaussian (entries N(0, 1/k)), as in the paper.
-                sig = np.sqrt(np.maximum(w, 0.0))
-                mix = block_generator(cfg.seed, STREAM_LPLR_SVD_MIX).standard_normal(
-                    (cfg.rank, cfg.rank)
-                ) / np.sqrt(cfg.rank)
-                u = u @ (sig[:, None] * mix)
-            basis = _times(q, u)
-    if cfg.method in ROTATED_METHODS:
-        basis = _times(basis, basis_rotation(cfg.seed, cfg.rank))
-    lwriter = create_factor(root, "L", (n, cfg.rank), cfg.left, (a.chunksize[0], cfg.rank))
-    lhat, g = quantize_left(basis, cfg.left, lwriter, seed=cfg.seed, dtype=a.dtype, stages=stages)
-    if mode == "lstsq":
-        coef = gram_pinv(g)
-    rwriter = create_factor(root, "R", (cfg.rank, d), cfg.right, (cfg.rank, a.chunksize[1]))
-    rp, rgr = project_and_quantize(
-        a,
-        lhat,
-        g,
-        cfg.right,
-        rwriter,
-        seed=cfg.seed,
-        stages=stages,
-        coef=coef,
-        mode=mode,
-        given=given,
-    )
-    return norm2, rp, rgr
+    return float(s[..., 0].sum()), float(s[..., 1].sum()), lo, hi
 
 
 def compress(
@@ -412,6 +348,8 @@ def compress(
     block_shape: tuple[int, int] | None = None,
     max_rank: int = 512,
     overwrite: bool = False,
+    resume: bool = False,
+    verify: bool = False,
     on_stage: StageCallback | None = None,
 ) -> CompressionResult:
     """Compress a matrix into low-rank, low-precision factors A ≈ L·R stored in Zarr.
@@ -464,6 +402,13 @@ def compress(
         Largest rank the budget search considers.
     overwrite : bool, default False
         Replace an existing ``output`` (only once the new result is complete).
+    resume : bool, default False
+        Keep the intermediate results of finished stages if the run fails, and reuse those of
+        an earlier failed run with the same input (fingerprint) and parameters; the result is
+        byte-identical to an uninterrupted run. See :mod:`lplr_dask.job`.
+    verify : bool, default False
+        Also check the reported error by an independent blockwise pass over A and the stored
+        codes (one more pass) before publishing.
     on_stage : callable, optional
         ``on_stage(stage, futures)`` for progress display on a distributed cluster.
 
@@ -485,18 +430,14 @@ def compress(
     R. Saha, V. Srivastava, M. Pilanci. Matrix Compression via Randomized Low Rank and Low
     Precision Factorization. NeurIPS 2023. arXiv:2310.11028.
     """
-    t_start = time.perf_counter()
-    if method not in METHODS:
-        raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
-    matrix = open_input(source, block_shape=block_shape, group_size=group_size or None)
-    out = check_output_path(
-        output, overwrite=overwrite, inputs=[matrix.path] if matrix.path else ()
-    )
-    stages = Stages(on_stage)
-    if budget is not None and rank is not None:
-        raise ParameterError("Give either rank or budget, not both.")
-    params = dict(
+    from .job import CompressionJob
+
+    job = CompressionJob.create(
+        source,
+        output,
         method=method,
+        rank=rank,
+        budget=budget,
         bits_left=bits_left,
         bits_right=bits_right,
         bits_matrix=bits_matrix,
@@ -505,82 +446,11 @@ def compress(
         n_power_iter=n_power_iter,
         seed=seed,
         rounding=rounding,
+        block_shape=block_shape,
+        max_rank=max_rank,
+        overwrite=overwrite,
+        resume=resume,
+        verify=verify,
+        on_stage=on_stage,
     )
-    search = []
-    if budget is None:
-        cfg = make_config(shape=matrix.shape, rank=rank, **params)
-    else:
-        from .budget import choose_config
-
-        cfg, search = choose_config(
-            matrix, budget=budget, max_rank=max_rank, stages=stages, **params
-        )
-    with temporary_output(out) as tmp:
-        zarr.open_group(str(tmp), mode="w")
-        rel = _execute(matrix, cfg, tmp, stages)
-        seconds = time.perf_counter() - t_start
-        result = _result(out, matrix, cfg, rel, stages, seconds, budget, group_size, search)
-        write_metadata(tmp, _metadata(result, cfg, matrix))
-        publish(tmp, out)
-    return result
-
-
-def _execute(matrix: InputMatrix, cfg: CompressionConfig, root: Path, stages: Stages) -> float:
-    """Run ``cfg`` on the input, writing under ``root``; return the relative error."""
-    a, source = matrix.data, matrix.path or "array"
-    if cfg.matrix is None:
-        norm2, rp, rgr = _run_low_rank(a, cfg, root, stages, source)
-        return _relative(norm2 - 2 * rp + rgr, norm2)
-    norm2, err2, residual = _quantize_matrix(a, cfg.matrix, root, stages, cfg.seed, source)
-    if cfg.rank:  # nq+lplr: LPLR of the residual, re-quantized tile by tile in each pass
-        res2, rp, rgr = _run_low_rank(residual, cfg, root, stages, source)
-        err2 = res2 - 2 * rp + rgr
-    return _relative(err2, norm2)
-
-
-def _relative(err2: float, norm2: float) -> float:
-    return float(np.sqrt(max(err2, 0.0) / norm2)) if norm2 > 0 else 0.0
-
-
-def _result(
-    out, matrix, cfg, rel, stages, seconds, budget, group_size, search
-) -> CompressionResult:
-    shape = matrix.shape
-    return CompressionResult(
-        output=str(out),
-        shape=tuple(int(v) for v in shape),
-        source_dtype=matrix.source_dtype,
-        method=cfg.method,
-        rank=cfg.rank,
-        bits_left=cfg.left.bits if cfg.left else None,
-        bits_right=cfg.right.bits if cfg.right else None,
-        bits_matrix=cfg.matrix.bits if cfg.matrix else None,
-        group_size=group_size or None,
-        rel_fro_error=rel,
-        bits_per_entry=cfg.bits_per_entry(shape),
-        stored_bytes=cfg.nbytes(shape),
-        seconds=seconds,
-        seed=cfg.seed,
-        n_oversamples=cfg.n_oversamples,
-        n_power_iter=cfg.n_power_iter,
-        stage_seconds={k: round(v, 4) for k, v in stages.seconds.items()},
-        budget=budget,
-        budget_search=search,
-    )
-
-
-def _metadata(result: CompressionResult, cfg: CompressionConfig, matrix: InputMatrix) -> dict:
-    meta = result.to_dict()
-    meta.pop("output")
-    meta.update(
-        lplr_dask_version=__version__,
-        block_shape=list(matrix.block_shape),
-        factors={
-            name: spec.to_dict()
-            for name, spec in (("L", cfg.left), ("R", cfg.right), ("Q", cfg.matrix))
-            if spec is not None
-        },
-        source=matrix.path,
-        created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-    )
-    return meta
+    return job.run()

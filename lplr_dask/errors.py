@@ -8,6 +8,7 @@ catch one type. Messages state the offending value and the fix.
 from __future__ import annotations
 
 __all__ = [
+    "ConfigError",
     "InputError",
     "LPLRError",
     "NonFiniteInputError",
@@ -23,6 +24,10 @@ class LPLRError(ValueError):
 
 class ParameterError(LPLRError):
     """A parameter is out of range or two parameters contradict each other."""
+
+
+class ConfigError(ParameterError):
+    """A flow configuration (YAML) has an unknown key, a wrong type or a bad value."""
 
 
 class InputError(LPLRError):

@@ -163,6 +163,7 @@ def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> 
             dtype="uint16",
             compressors=None,
             fill_value=0,
+            overwrite=True,
         )
     else:
         group.create_array(
@@ -172,6 +173,7 @@ def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> 
             dtype="uint8",
             compressors=None,
             fill_value=0,
+            overwrite=True,
         )
         rshape = spec.range_shape(shape)
         rchunks = {
@@ -188,6 +190,7 @@ def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> 
                 dtype="float32",
                 compressors=None,
                 fill_value=0.0,
+                overwrite=True,
             )
     return FactorWriter(str(root / name), (rows, cols), spec, (crow, ccol))
 

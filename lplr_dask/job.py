@@ -1,0 +1,629 @@
+"""Compression as a sequence of persisted, resumable stages.
+
+:func:`lplr_dask.compress` runs a :class:`CompressionJob` from start to end. Orchestrators
+(the Prefect flows in ``pipelines/``) run its stages one by one, as separate task runs:
+
+=================  ==============================================================  ===========
+stage              what it does                                                    passes
+=================  ==============================================================  ===========
+plan               resolve the configuration (the budget search, if any)           0 (+1)
+quantize-matrix    ``nq``, ``nq+lplr``: Q(A) written, ‖A‖² and ‖A − Q(A)‖²         1
+sketch             Y = A·S (+ power iterations) and ‖A‖²                           1 (+2/iter)
+basis              orthonormal basis, rotation, quantized L written; L̂, G stored   0 (+1)
+project            R = G⁺L̂ᵀA per column panel, re-quantized and written           1
+verify             exact error from the stored statistics, bytes on disk checked,  0 (+1)
+                   optionally an independent blockwise pass (``verify=True``)
+publish            metadata written, renamed into place, work directory removed    0
+=================  ==============================================================  ===========
+
+Every stage writes what later stages need (Y, L̂, G, the statistics) under a work directory
+beside OUTPUT, then a small JSON record marking it done. With ``resume=True`` the work
+directory is named after a key that hashes the input's fingerprint (its Zarr metadata and the
+size and modification time of every chunk file) and every parameter; it survives a crash,
+and a rerun with the same input and parameters skips the stages already recorded. Stages
+are deterministic (seeded streams keyed by block, fixed reduction trees, intermediates
+stored in their own dtype and reloaded with their own chunks), so a resumed run writes the
+same bytes as an uninterrupted one. A stage that fails part-way is simply rerun: the codes
+it wrote are rewritten whole-chunk by whole-chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import dask.array as da
+import numpy as np
+import zarr
+from dask.base import tokenize
+
+from . import __version__
+from ._array import to_numpy
+from .api import (
+    ROTATED_METHODS,
+    CompressionConfig,
+    CompressionResult,
+    _nq_residual,
+    _orthonormalize,
+    _quantize_matrix,
+    _times,
+    basis_rotation,
+    check_finite_input,
+    make_config,
+)
+from .engine import (
+    StageCallback,
+    Stages,
+    gram,
+    left_multiply,
+    project_and_quantize,
+    quantize_left,
+    right_multiply,
+    sketch_matrix,
+    sketch_with_norms,
+)
+from .errors import LPLRError, OutputExistsError
+from .inputs import InputMatrix, open_input
+from .linalg import gram_pinv, top_eigenvectors
+from .random import STREAM_LPLR_SVD_MIX, block_generator
+from .storage import (
+    FORMAT_VERSION,
+    bytes_on_disk,
+    check_output_path,
+    create_factor,
+    publish,
+    write_metadata,
+)
+
+__all__ = ["STAGES", "CompressionJob", "JobBusyError", "StageRecord", "VerificationError"]
+
+STAGES = ("plan", "quantize-matrix", "sketch", "basis", "project", "verify", "publish")
+
+
+class VerificationError(LPLRError):
+    """The written result does not check out (bytes on disk, or the independent error)."""
+
+
+class JobBusyError(LPLRError):
+    """Another live process is running the same resumable job."""
+
+
+@dataclass
+class StageRecord:
+    """One finished stage: its wall-clock seconds, the engine's sub-stage timings, whether it
+    was reused from an earlier run, and the small values later stages need."""
+
+    name: str
+    seconds: float
+    substages: dict = field(default_factory=dict)
+    values: dict = field(default_factory=dict)
+    reused: bool = False
+
+
+def input_fingerprint(matrix: InputMatrix) -> str:
+    """A cheap identity of the input: for a file or Zarr store, its metadata and the size and
+    modification time of every file (like ``make``); for an in-memory array, Dask's token."""
+    if matrix.path is None:
+        return "token:" + tokenize(matrix.data)
+    root = Path(matrix.path)
+    h = hashlib.sha256()
+    files = [root] if root.is_file() else sorted(p for p in root.rglob("*") if p.is_file())
+    for f in files:
+        st = f.stat()
+        rel = f.name if f == root else f.relative_to(root)
+        h.update(f"{rel}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        if f.name in ("zarr.json", ".zarray"):
+            h.update(f.read_bytes())
+    return "files:" + h.hexdigest()
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + f".tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)  # atomic: a record is either absent or complete
+
+
+def _store(x: da.Array, path: Path, stages: Stages, name: str) -> dict:
+    """Write a row- or column-blocked intermediate to Zarr in its own dtype; return how to
+    reload it with the same chunks (so later stages compute exactly the same values)."""
+    z = zarr.create_array(
+        str(path),
+        shape=x.shape,
+        chunks=tuple(max(c) for c in x.chunks),
+        dtype=x.dtype,
+        compressors=None,
+        overwrite=True,
+    )
+    stages.compute(name, da.store(x, z, lock=False, compute=False))
+    return {"path": path.name, "chunks": [list(c) for c in x.chunks]}
+
+
+def _load(work: Path, ref: dict) -> da.Array:
+    z = zarr.open_array(str(work / ref["path"]), mode="r")
+    return da.from_zarr(z, chunks=tuple(tuple(c) for c in ref["chunks"]))
+
+
+def _relative(err2: float, norm2: float) -> float:
+    return float(np.sqrt(max(err2, 0.0) / norm2)) if norm2 > 0 else 0.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class CompressionJob:
+    """One compression, split into the persisted stages listed in :data:`STAGES`.
+
+    Create it with :meth:`create` (validates everything that can be checked without reading
+    A), then call :meth:`run_stage` for each name in :attr:`stages`, or :meth:`run` for all.
+    ``result`` holds the :class:`~lplr_dask.api.CompressionResult` once ``publish`` is done.
+
+    Attributes
+    ----------
+    key : str
+        SHA-256 of the input fingerprint, every parameter, the block grid and the versions.
+    work_dir : pathlib.Path
+        Where intermediates and stage records live until ``publish`` removes it.
+    stages : tuple of str
+        The stages this method needs, in order.
+    records : dict of str to StageRecord
+        The stages finished so far (this run or, resumed, an earlier one).
+    """
+
+    def __init__(
+        self, matrix, output, params, *, budget, max_rank, overwrite, resume, verify, on_stage
+    ):
+        self.matrix = matrix
+        self.overwrite = overwrite
+        self.output = output
+        self.params = params
+        self.budget = budget
+        self.max_rank = max_rank
+        self.resume = resume
+        self.verify = verify
+        self.engine = Stages(on_stage)
+        self.current_stage: str | None = None
+        self.result: CompressionResult | None = None
+        self._t0 = time.perf_counter()
+        ident = {
+            "input": input_fingerprint(matrix),
+            "shape": list(matrix.shape),
+            "block_shape": list(matrix.block_shape),
+            "params": params,
+            "budget": budget,
+            "max_rank": max_rank if budget is not None else None,
+            "lplr_dask": __version__,
+            "format_version": FORMAT_VERSION,
+        }
+        self.key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+        tag = f"work-{self.key[:16]}" if resume else f"tmp-{uuid.uuid4().hex[:12]}"
+        self.work_dir = output.parent / f".{output.name}.lplr-{tag}"
+        self.records: dict[str, StageRecord] = {}
+        self._cfg: CompressionConfig | None = None
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def create(
+        cls,
+        source,
+        output,
+        *,
+        method: str = "lplr",
+        rank: int | None = None,
+        budget: float | None = None,
+        bits_left: int | None = None,
+        bits_right: int | None = None,
+        bits_matrix: int | None = None,
+        group_size: int | None = 128,
+        n_oversamples: int = 0,
+        n_power_iter: int | None = None,
+        seed: int = 0,
+        rounding: str = "nearest",
+        block_shape: tuple[int, int] | None = None,
+        max_rank: int = 512,
+        overwrite: bool = False,
+        resume: bool = False,
+        verify: bool = False,
+        on_stage: StageCallback | None = None,
+    ) -> CompressionJob:
+        """Validate the input, OUTPUT and parameters (no pass over A) and prepare the job.
+
+        Parameters are those of :func:`lplr_dask.compress`, plus:
+
+        resume : bool, default False
+            Keep the work directory if a stage fails, and reuse the stages that an earlier run
+            with the same input fingerprint and parameters finished.
+        verify : bool, default False
+            In the ``verify`` stage, also measure the error by an independent blockwise pass
+            over A and the stored codes (one more pass) and require agreement.
+        """
+        from .api import METHODS
+        from .errors import ParameterError
+
+        if method not in METHODS:
+            raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
+        if budget is not None and rank is not None:
+            raise ParameterError("Give either rank or budget, not both.")
+        matrix = open_input(source, block_shape=block_shape, group_size=group_size or None)
+        out = check_output_path(
+            output, overwrite=overwrite, inputs=[matrix.path] if matrix.path else ()
+        )
+        params = dict(
+            method=method,
+            bits_left=bits_left,
+            bits_right=bits_right,
+            bits_matrix=bits_matrix,
+            group_size=group_size,
+            n_oversamples=n_oversamples,
+            n_power_iter=n_power_iter,
+            seed=seed,
+            rounding=rounding,
+        )
+        if budget is None:  # fail now, not after a pass over A
+            make_config(shape=matrix.shape, rank=rank, **params)
+        params["rank"] = rank
+        return cls(
+            matrix,
+            out,
+            params,
+            budget=budget,
+            max_rank=max_rank,
+            overwrite=overwrite,
+            resume=resume,
+            verify=verify,
+            on_stage=on_stage,
+        )
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        """The stages this job runs, in order (known for sure once ``plan`` is done: a budget
+        search may give ``nq+lplr`` rank 0)."""
+        method = self.params["method"]
+        low_rank = method != "nq" if self._cfg is None else bool(self._cfg.rank)
+        skip = set()
+        if method not in ("nq", "nq+lplr"):
+            skip.add("quantize-matrix")
+        if not low_rank:
+            skip.update({"sketch", "basis", "project"})
+        return tuple(s for s in STAGES if s not in skip)
+
+    @property
+    def config(self) -> CompressionConfig:
+        if self._cfg is None:
+            raise RuntimeError("the plan stage has not run yet")
+        return self._cfg
+
+    @property
+    def out_tmp(self) -> Path:
+        """The result being assembled; renamed to OUTPUT by ``publish``."""
+        return self.work_dir / "out"
+
+    # ------------------------------------------------------------------ driving
+
+    def run(self) -> CompressionResult:
+        """Run (or resume) every stage; the work directory is removed on success and, without
+        ``resume``, on failure."""
+        self.open()
+        try:
+            for name in STAGES:
+                if name in self.stages:  # re-read: the plan decides the low-rank stages
+                    self.run_stage(name)
+        except BaseException:
+            self.close(failed=True)
+            raise
+        return self.result
+
+    def open(self) -> list[str]:
+        """Create or reopen the work directory and take its lock; return the stages already
+        done (reused on resume)."""
+        self.work_dir.mkdir(exist_ok=True)
+        (self.work_dir / "stages").mkdir(exist_ok=True)
+        self._lock()
+        done = []
+        for name in self.stages:
+            rec = self.work_dir / "stages" / f"{name}.json"
+            if rec.is_file():
+                data = json.loads(rec.read_text())
+                self.records[name] = StageRecord(**{**data, "reused": True})
+                done.append(name)
+        if "plan" in self.records:
+            self._cfg = CompressionConfig.from_dict(self.records["plan"].values["config"])
+        return done
+
+    def close(self, *, failed: bool) -> None:
+        """Release the lock; remove the work directory unless a failed run may resume."""
+        if failed and self.resume:
+            (self.work_dir / "lock").unlink(missing_ok=True)
+        else:
+            shutil.rmtree(self.work_dir, ignore_errors=True)
+
+    def _lock(self) -> None:
+        lock = self.work_dir / "lock"
+        me = {"host": socket.gethostname(), "pid": os.getpid()}
+        if lock.is_file():
+            try:
+                other = json.loads(lock.read_text())
+            except (OSError, json.JSONDecodeError):
+                other = {}
+            if (
+                other.get("host") == me["host"]
+                and other.get("pid") != me["pid"]
+                and _pid_alive(int(other.get("pid", -1)))
+            ):
+                raise JobBusyError(
+                    f"Process {other['pid']} is already compressing into {self.output} (lock "
+                    f"{lock}). Wait for it to finish, or stop it; a crashed run's lock is "
+                    "taken over automatically."
+                )
+        _write_json(lock, me)
+
+    def run_stage(self, name: str) -> StageRecord:
+        """Run one stage, unless a record says it is done; return its record."""
+        if name not in self.stages:
+            raise ValueError(f"stage {name!r} is not part of this job; its stages: {self.stages}")
+        if name in self.records:
+            return self.records[name]
+        for prior in self.stages[: self.stages.index(name)]:
+            if prior not in self.records:
+                raise RuntimeError(f"stage {name!r} needs {prior!r} first")
+        self.current_stage = name
+        before = dict(self.engine.seconds)
+        t0 = time.perf_counter()
+        values = getattr(self, "_stage_" + name.replace("-", "_"))() or {}
+        sub = {
+            k: round(v - before.get(k, 0.0), 4)
+            for k, v in self.engine.seconds.items()
+            if v != before.get(k, 0.0)
+        }
+        rec = StageRecord(name, round(time.perf_counter() - t0, 4), sub, values)
+        self.records[name] = rec
+        if name != "publish":
+            _write_json(self.work_dir / "stages" / f"{name}.json", _record_dict(rec))
+        self.current_stage = None
+        return rec
+
+    # ------------------------------------------------------------------ stages
+
+    def _operand(self) -> da.Array:
+        """The matrix the low-rank stages factor: A, or the residual A − Q(A)."""
+        a = self.matrix.data
+        cfg = self.config
+        if cfg.matrix is None:
+            return a
+        v = self.records["quantize-matrix"].values
+        lo = np.load(self.work_dir / "matrix-lo.npy") if v["ranges"] else None
+        hi = np.load(self.work_dir / "matrix-hi.npy") if v["ranges"] else None
+        return a.map_blocks(
+            _nq_residual, dtype=a.dtype, spec=cfg.matrix, lo=lo, hi=hi, seed=cfg.seed
+        )
+
+    def _stage_plan(self) -> dict:
+        p = dict(self.params)
+        rank = p.pop("rank")
+        search = []
+        if self.budget is None:
+            cfg = make_config(shape=self.matrix.shape, rank=rank, **p)
+        else:
+            from .budget import choose_config
+
+            cfg, search = choose_config(
+                self.matrix, budget=self.budget, max_rank=self.max_rank, stages=self.engine, **p
+            )
+        self._cfg = cfg
+        zarr.open_group(str(self.out_tmp), mode="w")
+        return {"config": cfg.to_dict(), "budget_search": search}
+
+    def _stage_quantize_matrix(self) -> dict:
+        cfg = self.config
+        source = self.matrix.path or "array"
+        norm2, err2, lo, hi = _quantize_matrix(
+            self.matrix.data, cfg.matrix, self.out_tmp, self.engine, cfg.seed, source
+        )
+        if lo is not None:
+            np.save(self.work_dir / "matrix-lo.npy", to_numpy(lo))
+            np.save(self.work_dir / "matrix-hi.npy", to_numpy(hi))
+        return {"norm2": norm2, "err2": err2, "ranges": lo is not None}
+
+    def _stage_sketch(self) -> dict:
+        cfg, stages = self.config, self.engine
+        a = self._operand()
+        k = cfg.rank + cfg.n_oversamples
+        if cfg.method in ("dsvd", "lplr-svd"):
+            k = min(cfg.rank + max(cfg.n_oversamples, 10), min(a.shape))
+        s = sketch_matrix(
+            a.shape[1], k, seed=cfg.seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta
+        )
+        (ext,) = stages.persist("sketch", sketch_with_norms(a, s))
+        y, norm2 = ext[:, :k], float(ext[:, -1].sum().compute())
+        check_finite_input(norm2, a, self.matrix.path or "array", stages)
+        for _ in range(cfg.n_power_iter):
+            q = _orthonormalize(y)
+            (z,) = stages.persist("power-iteration", _orthonormalize(left_multiply(a, q).T))
+            (y,) = stages.persist("power-iteration", right_multiply(a, z))
+        return {"norm2": norm2, "Y": _store(y, self.work_dir / "Y.zarr", stages, "sketch")}
+
+    def _stage_basis(self) -> dict:
+        cfg, stages, work = self.config, self.engine, self.work_dir
+        a = self._operand()
+        y = _load(work, self.records["sketch"].values["Y"])
+        coef, mode, given = None, "lstsq", None
+        if cfg.method == "paper":
+            basis = y  # Algorithm 1: L = Q(A·S), no orthonormalization
+        else:
+            (q,) = stages.persist("orthonormalize", _orthonormalize(y))
+            basis = q
+            if cfg.method in ("dsvd", "lplr-svd") or cfg.n_oversamples:
+                # One pass: B = QᵀA (k × d, kept on the workers), B·Bᵀ, top eigenvectors.
+                (b,) = stages.persist("truncate", left_multiply(a, q))
+                (bbt,) = stages.compute("truncate", gram(b.T))
+                u, w = top_eigenvectors(to_numpy(bbt), cfg.rank)
+                if cfg.method == "dsvd":
+                    coef, mode, given = u.T, "given", b  # R = Σ_k V_kᵀ = U_bᵀ B
+                elif cfg.method == "lplr-svd":
+                    # Z = U_k Σ_k Ω with Ω a k × k Gaussian (entries N(0, 1/k)), as the paper.
+                    sig = np.sqrt(np.maximum(w, 0.0))
+                    mix = block_generator(cfg.seed, STREAM_LPLR_SVD_MIX).standard_normal(
+                        (cfg.rank, cfg.rank)
+                    ) / np.sqrt(cfg.rank)
+                    u = u @ (sig[:, None] * mix)
+                basis = _times(q, u)
+        if cfg.method in ROTATED_METHODS:
+            basis = _times(basis, basis_rotation(cfg.seed, cfg.rank))
+        n = a.shape[0]
+        lwriter = create_factor(
+            self.out_tmp, "L", (n, cfg.rank), cfg.left, (a.chunksize[0], cfg.rank)
+        )
+        lhat, g = quantize_left(
+            basis, cfg.left, lwriter, seed=cfg.seed, dtype=a.dtype, stages=stages
+        )
+        if mode == "lstsq":
+            coef = gram_pinv(g)
+        np.save(work / "gram.npy", g)
+        np.save(work / "coef.npy", coef)
+        values = {"mode": mode, "Lhat": _store(lhat, work / "Lhat.zarr", stages, "quantize-basis")}
+        if given is not None:
+            values["given"] = _store(given, work / "given.zarr", stages, "truncate")
+        return values
+
+    def _stage_project(self) -> dict:
+        cfg, work = self.config, self.work_dir
+        v = self.records["basis"].values
+        a = self._operand()
+        rwriter = create_factor(
+            self.out_tmp, "R", (cfg.rank, a.shape[1]), cfg.right, (cfg.rank, a.chunksize[1])
+        )
+        rp, rgr = project_and_quantize(
+            a,
+            _load(work, v["Lhat"]),
+            np.load(work / "gram.npy"),
+            cfg.right,
+            rwriter,
+            seed=cfg.seed,
+            stages=self.engine,
+            coef=np.load(work / "coef.npy"),
+            mode=v["mode"],
+            given=_load(work, v["given"]) if "given" in v else None,
+        )
+        return {"rp": rp, "rgr": rgr}
+
+    def _stage_verify(self) -> dict:
+        cfg = self.config
+        r = {k: rec.values for k, rec in self.records.items()}
+        if cfg.matrix is None:
+            norm2 = r["sketch"]["norm2"]
+            err2 = norm2 - 2 * r["project"]["rp"] + r["project"]["rgr"]
+        else:
+            norm2, err2 = r["quantize-matrix"]["norm2"], r["quantize-matrix"]["err2"]
+            if cfg.rank:  # nq+lplr: the low-rank stages factored the residual
+                res2 = r["sketch"]["norm2"]
+                err2 = res2 - 2 * r["project"]["rp"] + r["project"]["rgr"]
+        rel = _relative(err2, norm2)
+        expected = cfg.nbytes(self.matrix.shape)
+        on_disk = bytes_on_disk(self.out_tmp)["arrays"]
+        if on_disk < expected:
+            raise VerificationError(
+                f"The codes and ranges written under {self.out_tmp} take {on_disk} bytes, "
+                f"fewer than the {expected} the configuration stores: chunks are missing. "
+                "Rerun the job (with resume, from the failed stage)."
+            )
+        values = {"rel_fro_error": rel, "bytes_on_disk": on_disk}
+        result = self._make_result(rel)
+        write_metadata(self.out_tmp, self._metadata(result))
+        if self.verify:
+            from .reader import relative_error
+
+            check = relative_error(self.matrix.data, self.out_tmp)
+            values["independent_rel_fro_error"] = check
+            # Both are float64 sums of float32 products: they agree to ~1e-4 relative.
+            if abs(check - rel) > 1e-3 * max(rel, check) + 1e-6:
+                raise VerificationError(
+                    f"The independent error check gives {check:.6g} but the stored statistics "
+                    f"give {rel:.6g}: the written codes do not match the computation. Report "
+                    "this as a bug; the result was not published."
+                )
+        return values
+
+    def _stage_publish(self) -> dict:
+        rel = self.records["verify"].values["rel_fro_error"]
+        self.result = self._make_result(rel)
+        write_metadata(self.out_tmp, self._metadata(self.result))
+        if self.output.exists() and not self.overwrite:
+            raise OutputExistsError(
+                f"OUTPUT {self.output} appeared while the job ran; it was left untouched. Pass "
+                "overwrite=True (--overwrite) to replace it, or choose another path."
+            )
+        publish(self.out_tmp, self.output)
+        self.close(failed=False)
+        return {"output": str(self.output)}
+
+    # ------------------------------------------------------------------ results
+
+    def _make_result(self, rel: float) -> CompressionResult:
+        cfg, shape = self.config, self.matrix.shape
+        substages: dict[str, float] = {}
+        for rec in self.records.values():
+            for k, v in rec.substages.items():
+                substages[k] = round(substages.get(k, 0.0) + v, 4)
+        return CompressionResult(
+            output=str(self.output),
+            shape=tuple(int(v) for v in shape),
+            source_dtype=self.matrix.source_dtype,
+            method=cfg.method,
+            rank=cfg.rank,
+            bits_left=cfg.left.bits if cfg.left else None,
+            bits_right=cfg.right.bits if cfg.right else None,
+            bits_matrix=cfg.matrix.bits if cfg.matrix else None,
+            group_size=self.params["group_size"] or None,
+            rel_fro_error=rel,
+            bits_per_entry=cfg.bits_per_entry(shape),
+            stored_bytes=cfg.nbytes(shape),
+            seconds=time.perf_counter() - self._t0,
+            seed=cfg.seed,
+            n_oversamples=cfg.n_oversamples,
+            n_power_iter=cfg.n_power_iter,
+            stage_seconds=substages,
+            budget=self.budget,
+            budget_search=self.records["plan"].values["budget_search"],
+            reused_stages=[k for k, rec in self.records.items() if rec.reused],
+        )
+
+    def _metadata(self, result: CompressionResult) -> dict:
+        cfg = self.config
+        meta = result.to_dict()
+        meta.pop("output")
+        meta.update(
+            lplr_dask_version=__version__,
+            block_shape=list(self.matrix.block_shape),
+            factors={
+                name: spec.to_dict()
+                for name, spec in (("L", cfg.left), ("R", cfg.right), ("Q", cfg.matrix))
+                if spec is not None
+            },
+            source=self.matrix.path,
+            job_key=self.key,
+            created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        )
+        return meta
+
+
+def _record_dict(rec: StageRecord) -> dict:
+    return {
+        "name": rec.name,
+        "seconds": rec.seconds,
+        "substages": rec.substages,
+        "values": rec.values,
+    }

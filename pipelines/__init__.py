@@ -1,0 +1,1 @@
+"""Prefect flows for lplr-dask (``pip install 'lplr-dask[flows]'``); see :mod:`pipelines.flows`."""
