@@ -1,4 +1,4 @@
-"""The ``lplr`` command line: compress, info, decompress, error, demo.
+"""The ``lplr`` command line: compress, info, decompress, error, demo, flow run, checkpoint.
 
 A user's mistake (an :class:`~lplr_dask.errors.LPLRError`) prints one paragraph on stderr and
 exits with status 2, without a traceback. ``--json`` prints one JSON object as the last line of
@@ -254,6 +254,29 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_flow_run(args) -> int:
+    from .config import load_config
+
+    load_config(args.config)  # a mistake in the file is reported before Prefect starts
+    try:
+        from pipelines.flows import BatchFailed, compress_matrices
+    except ImportError as exc:
+        raise ParameterError(
+            f"`lplr flow run` needs Prefect ({exc}). Install the flows extra: "
+            "pip install 'lplr-dask[flows]'."
+        ) from exc
+    try:
+        results = compress_matrices(config_path=str(Path(args.config).resolve()))
+    except BatchFailed as exc:
+        print(f"lplr flow run: {exc}", file=sys.stderr)
+        return 1
+    lines = []
+    for r in results:
+        lines += [*_summary_lines(r), f"  written to {r['output']}"]
+    _emit(args, {"config": args.config, "results": results}, lines)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lplr", description="Low-rank, low-precision compression of large matrices on Dask."
@@ -332,6 +355,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     _cluster_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("flow", help="run Prefect flows (flows extra)")
+    flow_sub = p.add_subparsers(dest="flow_command", required=True)
+    p = flow_sub.add_parser(
+        "run", help="run the compress-matrices flow on a YAML configuration (configs/)"
+    )
+    p.add_argument("config", help="YAML configuration, such as configs/demo.yaml")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=cmd_flow_run)
+
+    # CHECKPOINT-CLI (enabled when lplr_dask/cli_checkpoint.py lands)
     return parser
 
 

@@ -103,7 +103,7 @@ class ClusterConfig:
     @property
     def target(self) -> str:
         """The ``cluster`` argument of :func:`lplr_dask.cluster.dask_client`."""
-        return self.address if self.kind == "address" else self.kind
+        return expand(self.address) if self.kind == "address" else self.kind
 
     def client(self):
         """A context manager yielding a ``distributed.Client`` on this cluster."""

@@ -42,7 +42,11 @@ from lplr_dask.config import (
 from lplr_dask.errors import LPLRError
 from lplr_dask.job import STAGES, CompressionJob
 
-__all__ = ["compress_matrices", "compress_matrix"]
+__all__ = ["BatchFailed", "compress_matrices", "compress_matrix"]
+
+
+class BatchFailed(RuntimeError):
+    """Some matrices of a batch failed (the others were compressed)."""
 
 
 def _retry_unless_user_error(task, task_run, state) -> bool:
@@ -313,7 +317,7 @@ def compress_matrices(config_path: str | None = None, config: FlowConfig | None 
             description=f"{cfg.name}: {len(results)} of {len(pairs)} compressed",
         )
     if failed:
-        raise RuntimeError(
+        raise BatchFailed(
             f"{len(failed)} of {len(pairs)} matrices failed: {'; '.join(failed)}. See their "
             "compress-matrix flow runs; rerun this flow to resume them."
         )
