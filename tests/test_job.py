@@ -1,0 +1,144 @@
+"""Stage-by-stage jobs: resume after a crash, work-directory hygiene, locking, verification."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import zarr
+from conftest import group_digest, write_zarr
+
+from lplr_dask import compress
+from lplr_dask.job import STAGES, CompressionJob, JobBusyError, input_fingerprint
+
+KW = dict(rank=20, bits_left=4, bits_right=4, seed=2, block_shape=(512, 256))
+
+
+def _work_dirs(out):
+    return sorted(out.parent.glob(f".{out.name}.lplr-*"))
+
+
+@pytest.mark.parametrize(
+    "method, kw",
+    [
+        ("lplr", KW),
+        ("dsvd", dict(rank=12, block_shape=(512, 256))),  # stores B = QᵀA between stages
+        ("nq+lplr", dict(rank=8, bits_matrix=2, block_shape=(512, 256))),  # stores Q's ranges
+    ],
+)
+@pytest.mark.parametrize("crash_after", ["plan", "sketch", "basis"])
+def test_resume_after_crash_reuses_stages_and_writes_identical_codes(
+    tmp_path, decaying_zarr, method, kw, crash_after
+):
+    ref = compress(decaying_zarr, tmp_path / "ref.zarr", method=method, **kw)
+    out = tmp_path / "out.zarr"
+    job = CompressionJob.create(decaying_zarr, out, method=method, resume=True, **kw)
+    job.open()
+    for name in job.stages[: job.stages.index(crash_after) + 1]:
+        job.run_stage(name)
+    # The process dies here: no close(), the lock and the work directory stay behind.
+    (work,) = _work_dirs(out)
+    records = {p.name: p.stat().st_mtime_ns for p in (work / "stages").iterdir()}
+
+    again = CompressionJob.create(decaying_zarr, out, method=method, resume=True, **kw)
+    assert again.work_dir == work  # same input and parameters: same key
+    done = again.open()
+    assert done == list(again.stages[: again.stages.index(crash_after) + 1])
+    # Reused records are read, not rewritten.
+    assert all((work / "stages" / n).stat().st_mtime_ns == t for n, t in records.items())
+    res = again.run()
+    assert res.reused_stages == done
+    assert group_digest(out) == group_digest(tmp_path / "ref.zarr")
+    assert res.rel_fro_error == pytest.approx(ref.rel_fro_error, rel=1e-12)
+    assert not _work_dirs(out)
+
+
+def test_changed_input_or_parameters_do_not_reuse(tmp_path, decaying):
+    src = write_zarr(tmp_path / "A.zarr", decaying, (300, 256))
+    out = tmp_path / "out.zarr"
+    job = CompressionJob.create(src, out, resume=True, **KW)
+    job.open()
+    job.run_stage("plan")
+    assert CompressionJob.create(src, out, resume=True, **{**KW, "seed": 3}).key != job.key
+    z = zarr.open_array(src, mode="r+")
+    z[0, 0] = z[0, 0] + 1  # rewrites one chunk file: the fingerprint changes
+    changed = CompressionJob.create(src, out, resume=True, **KW)
+    assert changed.key != job.key
+    assert changed.open() == []
+
+
+def test_fingerprint_depends_on_files_not_on_reading_them(tmp_path, decaying):
+    src = write_zarr(tmp_path / "A.zarr", decaying, (300, 256))
+    job = CompressionJob.create(src, tmp_path / "o.zarr", **KW)
+    f1 = input_fingerprint(job.matrix)
+    np.asarray(zarr.open_array(src, mode="r")[:])  # reading changes nothing
+    assert input_fingerprint(job.matrix) == f1
+
+
+def test_failure_without_resume_leaves_nothing(tmp_path, decaying):
+    a = decaying.copy()
+    a[700, 3] = np.nan
+    src = write_zarr(tmp_path / "A.zarr", a, (300, 256))
+    out = tmp_path / "out.zarr"
+    with pytest.raises(ValueError, match="NaN"):
+        compress(src, out, **KW)
+    assert not out.exists() and not _work_dirs(out)
+
+
+def test_failure_with_resume_keeps_finished_stages(tmp_path, decaying):
+    a = decaying.copy()
+    a[700, 3] = np.inf
+    src = write_zarr(tmp_path / "A.zarr", a, (300, 256))
+    out = tmp_path / "out.zarr"
+    with pytest.raises(ValueError, match="rows 512:1024"):
+        compress(src, out, resume=True, **KW)
+    (work,) = _work_dirs(out)
+    assert sorted(p.stem for p in (work / "stages").iterdir()) == ["plan"]
+    assert not (work / "lock").exists()
+    assert not out.exists()
+
+
+def test_live_lock_refuses_a_second_run(tmp_path, decaying_zarr):
+    out = tmp_path / "out.zarr"
+    job = CompressionJob.create(decaying_zarr, out, resume=True, **KW)
+    job.open()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        (job.work_dir / "lock").write_text(
+            json.dumps({"host": os.uname().nodename, "pid": sleeper.pid})
+        )
+        with pytest.raises(JobBusyError, match=f"Process {sleeper.pid}"):
+            CompressionJob.create(decaying_zarr, out, resume=True, **KW).open()
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    # The holder is dead now: its lock is taken over.
+    CompressionJob.create(decaying_zarr, out, resume=True, **KW).run()
+    assert out.exists()
+
+
+def test_verify_runs_an_independent_pass(tmp_path, decaying_zarr):
+    res = compress(decaying_zarr, tmp_path / "v.zarr", verify=True, **KW)
+    job_meta = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["lplr_dask"]
+    assert job_meta["job_key"]
+    assert res.rel_fro_error > 0
+
+
+def test_stage_order_is_enforced(tmp_path, decaying_zarr):
+    job = CompressionJob.create(decaying_zarr, tmp_path / "o.zarr", **KW)
+    job.open()
+    with pytest.raises(RuntimeError, match="needs 'plan' first"):
+        job.run_stage("sketch")
+    with pytest.raises(ValueError, match="not part of this job"):
+        job.run_stage("quantize-matrix")
+    job.close(failed=True)
+    assert set(job.stages) == set(STAGES) - {"quantize-matrix"}
+
+
+def test_nq_jobs_have_no_low_rank_stages(tmp_path, decaying_zarr):
+    job = CompressionJob.create(decaying_zarr, tmp_path / "o.zarr", method="nq", bits_matrix=3)
+    assert job.stages == ("plan", "quantize-matrix", "verify", "publish")
