@@ -120,6 +120,8 @@ def cmd_compress(args) -> int:
             block_shape=tuple(args.block_shape) if args.block_shape else None,
             max_rank=args.max_rank,
             overwrite=args.overwrite,
+            resume=args.resume,
+            verify=args.verify,
             on_stage=_progress_callback(_show_progress(args)),
         )
     record = res.to_dict()
@@ -320,6 +322,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-rank", type=int, default=512, help="largest rank --budget considers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep finished stages if the run fails, and reuse those of an earlier failed run "
+        "with the same input and parameters",
+    )
+    p.add_argument(
+        "--verify",
+        action="store_true",
+        help="check the error by an independent pass over INPUT before publishing",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     _cluster_args(p)
     p.set_defaults(func=cmd_compress)

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+import zarr
 from conftest import group_digest, known_spectrum, write_zarr
 from services import BIN, DaskProcesses, PrefectServer, spawn, stop
 
@@ -269,3 +270,39 @@ def test_flow_run_reports_a_bad_config(tmp_path):
 
 if __name__ == "__main__":  # pragma: no cover
     sys.exit(pytest.main([__file__, "-x", "-q"]))
+
+
+def test_batch_over_a_zarr_group_compresses_all_and_names_the_failure(prefect_server, tmp_path):
+    """compress-matrices fans out over a Zarr group (one subflow per 2-D array, one cluster);
+    a matrix with a NaN fails alone, the others are published, the batch names the failure."""
+    from lplr_dask.config import parse_config
+    from pipelines.flows import BatchFailed, compress_matrices
+
+    grp = tmp_path / "layers.zarr"
+    g = zarr.open_group(str(grp), mode="w")
+    for i, name in enumerate(("q", "k", "v")):
+        a = known_spectrum(512, 384, 0.8 ** np.arange(20), noise=1e-3, seed=i)
+        if name == "v":
+            a[100, 7] = np.nan
+        g.create_array(name, data=a, chunks=(256, 128))
+    cfg = parse_config(
+        {
+            "inputs": {"group": str(grp)},
+            "output_dir": str(tmp_path / "out"),
+            "compression": {"method": "lplr", "rank": 16},
+            "cluster": {"kind": "local", "n_workers": 1, "threads_per_worker": 2},
+        }
+    )
+    with pytest.raises(BatchFailed, match=r"1 of 3 matrices failed: .*layers.zarr/v .*NaN"):
+        compress_matrices(config=cfg)
+    out = tmp_path / "out"
+    assert sorted(p.name for p in out.glob("layers.*")) == ["layers.k.lplr.zarr",
+                                                            "layers.q.lplr.zarr"]
+    assert len(list(out.glob(".layers.v.lplr.zarr.lplr-work-*"))) == 1  # kept for a resume
+    batch = prefect_server.post(
+        "/artifacts/filter", {"artifacts": {"key": {"any_": ["lplr-batch"]}}}
+    )
+    rows = batch[0]["data"]
+    rows = json.loads(rows) if isinstance(rows, str) else rows
+    assert sorted(r["output"].rsplit("/", 1)[-1] for r in rows) == [
+        "layers.k.lplr.zarr", "layers.q.lplr.zarr"]
