@@ -45,7 +45,7 @@ def latest_run(api_url: str, flow_name: str) -> str:
     return runs[0]["id"]
 
 
-def screenshot(url: str, out: Path, *, tab: str, expect: str, width: int, height: int):
+def screenshot(url: str, out: Path, *, tab: str | None, expect: str, width: int, height: int):
     from selenium import webdriver
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support import expected_conditions as ec
@@ -70,12 +70,15 @@ def screenshot(url: str, out: Path, *, tab: str, expect: str, width: int, height
     try:
         driver.get(url)
         wait = WebDriverWait(driver, 60)
-        tab_id = tab.lower().replace(" ", "-")  # the UI's tabs are <li class="p-tab" id=...>
-        button = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f"li.p-tab#{tab_id}")))
-        button.click()
+        if tab:
+            tab_id = tab.lower().replace(" ", "-")  # the UI's tabs: <li class="p-tab" id=...>
+            button = wait.until(ec.element_to_be_clickable((By.CSS_SELECTOR, f"li.p-tab#{tab_id}")))
+            button.click()
         if expect:
             wait.until(
-                ec.presence_of_element_located((By.XPATH, f"//*[contains(text(), '{expect}')]"))
+                ec.presence_of_element_located(
+                    (By.XPATH, f"//*[not(*) and contains(., '{expect}')]")
+                )
             )
         time.sleep(2)  # let charts and fonts settle
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,16 +97,27 @@ def main(argv=None) -> int:
     p.add_argument("--tab", default="Artifacts", help="Logs, Task Runs, Artifacts, Details ...")
     p.add_argument("--out", type=Path, default=Path("docs/prefect-flow-run.png"))
     p.add_argument("--expect", default="lplr-result", help="text to wait for on the tab")
+    p.add_argument(
+        "--artifact",
+        metavar="KEY",
+        help="screenshot this artifact of the run (such as lplr-result) instead of the run page",
+    )
     p.add_argument("--width", type=int, default=1600)
     p.add_argument("--height", type=int, default=1300)
     args = p.parse_args(argv)
     api = args.api_url.rstrip("/")
     run_id = args.flow_run_id or latest_run(api, args.flow_name)
     ui = api.removesuffix("/api")
-    url = f"{ui}/runs/flow-run/{run_id}"
-    screenshot(
-        url, args.out, tab=args.tab, expect=args.expect, width=args.width, height=args.height
-    )
+    url, tab = f"{ui}/runs/flow-run/{run_id}", args.tab
+    if args.artifact:
+        found = _post(
+            f"{api}/artifacts/filter",
+            {"artifacts": {"key": {"any_": [args.artifact]}, "flow_run_id": {"any_": [run_id]}}},
+        )
+        if not found:
+            sys.exit(f"flow run {run_id} has no artifact {args.artifact!r}.")
+        url, tab = f"{ui}/artifacts/artifact/{found[0]['id']}", None
+    screenshot(url, args.out, tab=tab, expect=args.expect, width=args.width, height=args.height)
     print(f"{url} -> {args.out}")
     return 0
 
