@@ -234,8 +234,9 @@ def test_killed_flow_process_resumes_without_recomputing(prefect_server, matrix,
 
 
 def test_flow_artifacts_and_stage_task_runs(prefect_server, matrix, tmp_path):
-    """compress-matrix in this process on a LocalCluster: every stage is a task run and the
-    three artifacts are published."""
+    """compress-matrix in this process on a LocalCluster of ONE single-threaded worker (the
+    shape of LocalCUDACluster on one GPU, where get_dask_client() inside a task hangs): it
+    completes, every stage is a task run and the three artifacts are published."""
     from lplr_dask.config import ClusterConfig, CompressionParams
     from pipelines.flows import compress_matrix
 
@@ -245,7 +246,7 @@ def test_flow_artifacts_and_stage_task_runs(prefect_server, matrix, tmp_path):
         src,
         str(out),
         compression=CompressionParams(**{**PARAMS, "block_shape": BLOCK}),
-        cluster=ClusterConfig(kind="local", n_workers=2, threads_per_worker=1),
+        cluster=ClusterConfig(kind="local", n_workers=1, threads_per_worker=1),
         verify=True,
         return_state=True,
     )
