@@ -307,3 +307,51 @@ def test_batch_over_a_zarr_group_compresses_all_and_names_the_failure(prefect_se
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert sorted(r["output"].rsplit("/", 1)[-1] for r in rows) == [
         "layers.k.lplr.zarr", "layers.q.lplr.zarr"]
+
+
+def test_compress_checkpoint_flow_fans_out_over_tensors(prefect_server, tmp_path):
+    """compress-checkpoint on a sharded safetensors checkpoint on a LocalCluster: one
+    compress-tensor task run per compressed tensor, the per-tensor table artifact, and a
+    restorable result whose passthrough tensors are bit-identical."""
+    from safetensors.numpy import load_file
+    from test_checkpoint import make_tensors, write_checkpoint
+
+    from lplr_dask.checkpoint import restore_checkpoint
+    from lplr_dask.config import ClusterConfig
+    from pipelines.checkpoint import compress_checkpoint_flow
+
+    tensors = make_tensors("float32")
+    src = write_checkpoint(tmp_path / "src", tensors, shards=2)
+    dst = tmp_path / "dst"
+    state = compress_checkpoint_flow(
+        str(src),
+        str(dst),
+        budget=3.0,
+        method="nq+lplr",  # one candidate per tensor; auto's choices are tested elsewhere
+        cluster=ClusterConfig(kind="local", n_workers=1, threads_per_worker=2),
+        return_state=True,
+    )
+    assert state.is_completed()
+    result = state.result()
+    run_id = str(state.state_details.flow_run_id)
+    compressed = [t for t in result["tensors"] if t["storage"] == "compressed"]
+    assert len(compressed) >= 2 and result["bits_per_parameter"] <= 3.0
+    tasks = prefect_server.post(
+        "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [run_id]}}}
+    )
+    names = [t["name"].rsplit("-", 1)[0] for t in tasks]
+    assert names.count("compress-tensor") == len(compressed)
+    arts = {a["key"]: a for a in _artifacts(prefect_server, run_id)}
+    table = arts["lplr-checkpoint-tensors"]["data"]
+    table = json.loads(table) if isinstance(table, str) else table
+    assert {r["tensor"] for r in table} == set(tensors)
+    assert float(arts["lplr-checkpoint-progress"]["data"]) == pytest.approx(100.0)
+    restored = tmp_path / "restored"
+    restore_checkpoint(dst, restored)
+    back = {}
+    for f in restored.glob("*.safetensors"):
+        back.update(load_file(str(f)))
+    assert set(back) == set(tensors)
+    for t in result["tensors"]:
+        if t["storage"] != "compressed":
+            assert back[t["name"]].tobytes() == tensors[t["name"]].tobytes()
