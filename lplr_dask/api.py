@@ -29,7 +29,7 @@ from .storage import (
 
 __all__ = ["METHODS", "CompressionConfig", "CompressionResult", "compress", "make_config"]
 
-METHODS = ("lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr")
+METHODS = ("lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr", "auto")
 LOW_RANK_METHODS = ("lplr", "paper", "dsvd", "lplr-svd", "nq+lplr")
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_SVD_POWER_ITER = 2
@@ -150,6 +150,11 @@ def make_config(
     """Validate parameters and build the quantizers of ``method`` (see :func:`compress`)."""
     if method not in METHODS:
         raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
+    if method == "auto":
+        raise ParameterError(
+            "method='auto' chooses among lplr, nq+lplr and nq by their measured errors under a "
+            "budget: give --budget BITS_PER_ENTRY (budget=...) instead of a rank."
+        )
     n, d = shape
     for name, b in (
         ("bits_left", bits_left),
@@ -368,12 +373,14 @@ def compress(
     output : str or path
         Where the compressed Zarr group goes; written under a temporary name and renamed into
         place when complete.
-    method : {"lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr"}, default "lplr"
+    method : {"lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr", "auto"}, default "lplr"
         ``lplr``: as above. ``paper``: Algorithm 1 with the reference quantizer (no QR,
         per-matrix min–max). ``nq``: A quantized directly. ``dsvd``: L = Q(U_k),
         R = Q′(Σ_k V_kᵀ) from a randomized SVD (``n_power_iter`` power iterations, 10 extra
         columns). ``lplr-svd``: the SVD-based LPLR of the paper (Z = U_k Σ_k Ω, Ω a k × k
         Gaussian). ``nq+lplr``: group-wise Q(A) plus LPLR of the residual A − Q(A).
+        ``auto`` (with ``budget``): the best of ``lplr``, ``nq+lplr`` and ``nq``, each scored
+        on the same column sample (one sketch pass per low-rank method more).
     rank : int, optional
         m, the inner dimension of L·R, 1 ≤ m < min(n, d). Required unless ``budget`` is given
         (or for ``nq``).

@@ -124,6 +124,22 @@ def choose_config(
         raise ParameterError(f"budget={budget!r} must be a positive number of bits per entry.")
     stages = stages or Stages()
     shape = matrix.shape
+    if method == "auto":
+        return _choose_auto(
+            matrix,
+            budget=budget,
+            bits_left=bits_left,
+            bits_right=bits_right,
+            bits_matrix=bits_matrix,
+            group_size=group_size,
+            n_oversamples=n_oversamples,
+            n_power_iter=n_power_iter,
+            seed=seed,
+            rounding=rounding,
+            max_rank=max_rank,
+            stages=stages,
+            sample_cols=sample_cols,
+        )
     kw = dict(
         method=method,
         shape=shape,
@@ -205,6 +221,61 @@ def choose_config(
             if best is None or err < best[0]:
                 best = (err, cfg)
     return best[1], table
+
+
+AUTO_METHODS = ("lplr", "nq+lplr", "nq")
+
+
+def _choose_auto(matrix: InputMatrix, *, budget: float, stages: Stages, **params):
+    """``method="auto"``: the best configuration of every method in :data:`AUTO_METHODS` that
+    fits the budget, each scored on the same seeded column sample; the lowest estimated error
+    wins. Costs one sketch pass per low-rank method plus reads of the sample."""
+    best, table, refused = None, [], []
+    for method in AUTO_METHODS:
+        try:
+            cfg, rows = choose_config(matrix, budget=budget, method=method, stages=stages, **params)
+        except ParameterError as exc:
+            refused.append(f"{method}: {exc}")
+            continue
+        if method == "nq":
+            rows = [
+                {
+                    "rank": None,
+                    "bits_left": None,
+                    "bits_right": None,
+                    "bits_matrix": cfg.matrix.bits,
+                    "bits_per_entry": cfg.bits_per_entry(matrix.shape),
+                    "estimated_rel_error": _estimate_nq_error(
+                        matrix, cfg, stages=stages, sample_cols=params["sample_cols"]
+                    ),
+                }
+            ]
+        err = min(r["estimated_rel_error"] for r in rows)
+        table += [{"method": method, **r} for r in rows]
+        if best is None or err < best[0]:
+            best = (err, cfg)
+    if best is None:
+        raise ParameterError(
+            f"budget={budget} bits per entry fits none of {', '.join(AUTO_METHODS)}: "
+            + " ".join(refused)
+        )
+    return best[1], table
+
+
+def _estimate_nq_error(matrix: InputMatrix, cfg: CompressionConfig, *, stages, sample_cols):
+    """Relative error of Q(A) on the seeded sample of whole column groups (exact for
+    group-wise scales, whose groups the sample keeps whole)."""
+    from .api import _nq_residual
+
+    a, spec = matrix.data, cfg.matrix
+    group = spec.group_size if spec.granularity == "group" else 128
+    cols = _sample_columns(a.shape[1], group=group, sample_cols=sample_cols, seed=cfg.seed)
+    sub = a[:, cols].rechunk({1: -1})
+    res = sub.map_blocks(_nq_residual, dtype=a.dtype, spec=spec, lo=None, hi=None, seed=cfg.seed)
+    num, den = stages.compute(
+        "search-nq", (res.astype(np.float64) ** 2).sum(), (sub.astype(np.float64) ** 2).sum()
+    )
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
 def _sample_columns(d: int, *, group: int, sample_cols: int, seed: int) -> np.ndarray:

@@ -301,7 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits-right", type=int, help="B': bits per entry of R (1-8, or 16)")
     p.add_argument("--bits-matrix", type=int, help="bits per entry of Q(A) for nq, nq+lplr")
     p.add_argument(
-        "--method", default="lplr", choices=["lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr"]
+        "--method",
+        default="lplr",
+        choices=["lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr", "auto"],
+        help="auto (with --budget): the best of lplr, nq+lplr and nq on a column sample",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(

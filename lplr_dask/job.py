@@ -292,10 +292,10 @@ class CompressionJob:
     def stages(self) -> tuple[str, ...]:
         """The stages this job runs, in order (known for sure once ``plan`` is done: a budget
         search may give ``nq+lplr`` rank 0)."""
-        method = self.params["method"]
+        method = self.params["method"] if self._cfg is None else self._cfg.method
         low_rank = method != "nq" if self._cfg is None else bool(self._cfg.rank)
         skip = set()
-        if method not in ("nq", "nq+lplr"):
+        if method not in ("nq", "nq+lplr", "auto"):
             skip.add("quantize-matrix")
         if not low_rank:
             skip.update({"sketch", "basis", "project"})

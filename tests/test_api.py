@@ -276,3 +276,37 @@ def test_bad_parameters(tmp_path, decaying_zarr, kw, match):
     with pytest.raises(ParameterError, match=match):
         compress(decaying_zarr, tmp_path / "o.zarr", **kw)
     assert not (tmp_path / "o.zarr").exists()
+
+
+@pytest.mark.parametrize(
+    "kind, budget", [("low-rank", 1.0), ("full-rank", 4.5)], ids=["low-rank", "full-rank"]
+)
+def test_auto_is_the_best_method_on_its_sample(tmp_path, decaying, kind, budget):
+    """auto scores lplr, nq+lplr and nq on one column sample and takes the lowest estimate;
+    the published error is then no worse than each method run on its own (up to the sample
+    estimate's error, a few percent relative here)."""
+    rng = np.random.default_rng(0)
+    a = decaying if kind == "low-rank" else rng.standard_normal((1200, 700)).astype(np.float32)
+    src = write_zarr(tmp_path / "A.zarr", a, (300, 256))
+    res = compress(src, tmp_path / "auto.zarr", method="auto", budget=budget)
+    assert res.bits_per_entry <= budget
+    assert {r["method"] for r in res.budget_search} <= {"lplr", "nq+lplr", "nq"}
+    best = min(r["estimated_rel_error"] for r in res.budget_search)
+    chosen = [r for r in res.budget_search if r["method"] == res.method]
+    assert min(r["estimated_rel_error"] for r in chosen) == best
+    singles = {}
+    for method in ("lplr", "nq+lplr", "nq"):
+        try:
+            singles[method] = compress(
+                src, tmp_path / f"{method}.zarr", method=method, budget=budget
+            ).rel_fro_error
+        except ValueError:  # this method does not fit the budget
+            continue
+    assert res.rel_fro_error <= min(singles.values()) * 1.05
+    # A decaying spectrum is low-rank territory; Gaussian noise is not.
+    assert (res.method != "nq") if kind == "low-rank" else (res.method in ("nq", "nq+lplr"))
+
+
+def test_auto_needs_a_budget(tmp_path, decaying_zarr):
+    with pytest.raises(ValueError, match="method='auto' chooses .* give --budget"):
+        compress(decaying_zarr, tmp_path / "o.zarr", method="auto", rank=8)
