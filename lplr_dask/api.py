@@ -305,9 +305,17 @@ def _nq_block(a, *, spec, lo, hi, seed, writer=None, block_info=None):
 
 def _nq_write_stats(a, *, spec, lo, hi, seed, writer, block_info=None):
     a, ahat = _nq_block(a, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, block_info=block_info)
+    # Sums of squares accumulated in float64 without float64 copies of the tile: a 4096²
+    # float32 tile is 64 MiB, and three float64 temporaries of it had workers with a 1 GiB
+    # limit killed.
     xp = array_namespace(a)
-    a64 = a.astype(np.float64)
-    stats = xp.stack([xp.sum(a64 * a64), xp.sum(xp.square(a64 - ahat.astype(np.float64)))])
+    diff = a - ahat
+    stats = xp.stack(
+        [
+            xp.einsum("ij,ij->", a, a, dtype=np.float64),
+            xp.einsum("ij,ij->", diff, diff, dtype=np.float64),
+        ]
+    )
     return to_numpy(stats).reshape(1, 2)
 
 

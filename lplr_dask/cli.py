@@ -381,7 +381,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_flow_run)
 
-    # CHECKPOINT-CLI (enabled when lplr_dask/cli_checkpoint.py lands)
+    from .cli_checkpoint import add_parser as add_checkpoint_parser
+
+    add_checkpoint_parser(sub)
     return parser
 
 

@@ -209,6 +209,22 @@ def _steps(lo, hi, levels: int):
     return (hi.astype(np.float64) - lo.astype(np.float64)) / (levels - 1)
 
 
+SLAB_ENTRIES = 1 << 20
+"""Blocks are (de)quantized in row slabs of about this many entries: the float64 arithmetic
+needs ~12 bytes of temporaries per entry, 785 MiB for a whole 4096² tile, ~100 MiB per slab.
+Elementwise, so slabs change no value (and dither is drawn in the same order)."""
+
+
+def _row_slabs(rows: int, cols: int):
+    step = max(1, SLAB_ENTRIES // max(cols, 1))
+    return [(r, min(r + step, rows)) for r in range(0, rows, step)]
+
+
+def _slab_range(r, r0: int, r1: int, spec: QuantizerSpec):
+    """The rows of a range array that belong to block rows r0:r1."""
+    return r[r0:r1] if spec.granularity in ("row", "group") else r
+
+
 def quantize(x, lo, hi, *, spec: QuantizerSpec, rng: np.random.Generator | None = None):
     """Integer codes (uint8, one per entry, in ``[0, 2^bits)``) of one block.
 
@@ -232,6 +248,28 @@ def quantize(x, lo, hi, *, spec: QuantizerSpec, rng: np.random.Generator | None 
         raise ParameterError(
             "quantize() makes integer codes; 16-bit values use packing.encode_float."
         )
+    if spec.rounding == "stochastic" and rng is None:
+        raise ParameterError("rounding='stochastic' needs a random stream (rng=...).")
+    xp = array_namespace(x)
+    slabs = _row_slabs(*x.shape)
+    if len(slabs) > 1:
+        return xp.concatenate(
+            [
+                _quantize_slab(
+                    x[r0:r1],
+                    _slab_range(lo, r0, r1, spec),
+                    _slab_range(hi, r0, r1, spec),
+                    spec=spec,
+                    rng=rng,
+                )
+                for r0, r1 in slabs
+            ],
+            axis=0,
+        )
+    return _quantize_slab(x, lo, hi, spec=spec, rng=rng)
+
+
+def _quantize_slab(x, lo, hi, *, spec: QuantizerSpec, rng):
     xp = array_namespace(x)
     shape = x.shape
     lo = expand_range(lo, shape, spec=spec)
@@ -241,8 +279,6 @@ def quantize(x, lo, hi, *, spec: QuantizerSpec, rng: np.random.Generator | None 
     safe = xp.where(step > 0, step, 1.0)
     t = (x.astype(np.float64) - lo) / safe
     if spec.rounding == "stochastic":
-        if rng is None:
-            raise ParameterError("rounding='stochastic' needs a random stream (rng=...).")
         t = t + xp.asarray(rng.random(shape))
     else:
         t = t + 0.5
@@ -253,6 +289,22 @@ def quantize(x, lo, hi, *, spec: QuantizerSpec, rng: np.random.Generator | None 
 
 def dequantize(codes, lo, hi, *, spec: QuantizerSpec, dtype=np.float32):
     """Values of the levels that ``codes`` name, as ``dtype`` (float32 by default)."""
+    slabs = _row_slabs(*codes.shape)
+    if len(slabs) > 1:
+        xp = array_namespace(codes)
+        return xp.concatenate(
+            [
+                dequantize(
+                    codes[r0:r1],
+                    _slab_range(lo, r0, r1, spec),
+                    _slab_range(hi, r0, r1, spec),
+                    spec=spec,
+                    dtype=dtype,
+                )
+                for r0, r1 in slabs
+            ],
+            axis=0,
+        )
     lo = expand_range(lo, codes.shape, spec=spec)
     hi = expand_range(hi, codes.shape, spec=spec)
     # lo·(1 − t) + hi·t with t = k / (2^B − 1) hits both endpoints exactly (lo + k·step can

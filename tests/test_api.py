@@ -308,5 +308,5 @@ def test_auto_is_the_best_method_on_its_sample(tmp_path, decaying, kind, budget)
 
 
 def test_auto_needs_a_budget(tmp_path, decaying_zarr):
-    with pytest.raises(ValueError, match="method='auto' chooses .* give --budget"):
+    with pytest.raises(ValueError, match=r"method='auto' chooses .* give --budget"):
         compress(decaying_zarr, tmp_path / "o.zarr", method="auto", rank=8)

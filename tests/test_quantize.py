@@ -608,3 +608,23 @@ def test_property_error_at_most_half_step(case):
     step = (hi_e - lo_e) / (spec.levels - 1)
     err = np.abs(x.astype(np.float64) - deq.astype(np.float64))
     assert np.all(err <= step / 2 + slack(lo_e, hi_e))
+
+
+@pytest.mark.parametrize("granularity", ["tensor", "column", "row", "group"])
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+def test_row_slabs_change_no_code_and_no_value(monkeypatch, granularity, rounding):
+    """Large blocks are (de)quantized in row slabs to bound the float64 temporaries; the codes
+    and values must equal the one-piece computation (dither drawn in the same order)."""
+    from lplr_dask import quantize as qmod
+
+    group = {"group_size": 16} if granularity == "group" else {}
+    spec = QuantizerSpec(bits=3, granularity=granularity, rounding=rounding, **group)
+    x = np.random.default_rng(1).standard_normal((50, 40)).astype(np.float32)
+    lo, hi = block_range(x, spec=spec)
+    whole = qmod._quantize_slab(x, lo, hi, spec=spec, rng=np.random.default_rng(7))
+    values = dequantize(whole, lo, hi, spec=spec)
+    monkeypatch.setattr(qmod, "SLAB_ENTRIES", 7 * 40)  # slabs of 7 rows: 8 slabs, last short
+    assert len(qmod._row_slabs(50, 40)) == 8
+    sliced = quantize(x, lo, hi, spec=spec, rng=np.random.default_rng(7))
+    np.testing.assert_array_equal(sliced, whole)
+    np.testing.assert_array_equal(dequantize(sliced, lo, hi, spec=spec), values)
