@@ -214,9 +214,7 @@ def compress_matrix(
         :meth:`lplr_dask.CompressionResult.to_dict`.
     """
     logger = get_run_logger()
-    job = open_job(
-        source, output, compression, overwrite=overwrite, resume=resume, verify=verify
-    )
+    job = open_job(source, output, compression, overwrite=overwrite, resume=resume, verify=verify)
     progress = _Progress(job, key="lplr-progress")
     job.engine.on_stage = progress.on_stage
     stage_rows = []
