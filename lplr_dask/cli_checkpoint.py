@@ -9,9 +9,9 @@ subclasses, which :func:`lplr_dask.cli.main` prints as one paragraph with exit s
 from __future__ import annotations
 
 import contextlib
-import json
 import sys
 
+from .cli import _emit
 from .errors import ParameterError
 
 __all__ = ["add_parser", "parse_override"]
@@ -66,13 +66,6 @@ def _scheduler(args):
         memory_limit=args.memory_limit,
     ):
         yield
-
-
-def _emit(args, record: dict, lines: list[str]) -> None:
-    if args.json:
-        print(json.dumps(record, default=float))
-    else:
-        print("\n".join(lines))
 
 
 def _summary(s: dict) -> list[str]:
