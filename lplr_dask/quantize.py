@@ -220,9 +220,17 @@ def _row_slabs(rows: int, cols: int):
     return [(r, min(r + step, rows)) for r in range(0, rows, step)]
 
 
-def _slab_range(r, r0: int, r1: int, spec: QuantizerSpec):
-    """The rows of a range array that belong to block rows r0:r1."""
-    return r[r0:r1] if spec.granularity in ("row", "group") else r
+def _by_row_slabs(fn, x, lo, hi, *, spec: QuantizerSpec, **kw):
+    """``fn(x, lo, hi, spec=spec, **kw)`` slab by slab of rows, concatenated."""
+    slabs = _row_slabs(*x.shape)
+    if len(slabs) == 1:
+        return fn(x, lo, hi, spec=spec, **kw)
+
+    def rows(r, r0, r1):  # per-row ranges follow the slab; per-column/tensor ones are shared
+        return r[r0:r1] if spec.granularity in ("row", "group") else r
+
+    parts = [fn(x[r0:r1], rows(lo, r0, r1), rows(hi, r0, r1), spec=spec, **kw) for r0, r1 in slabs]
+    return array_namespace(x).concatenate(parts, axis=0)
 
 
 def quantize(x, lo, hi, *, spec: QuantizerSpec, rng: np.random.Generator | None = None):
@@ -250,23 +258,7 @@ def quantize(x, lo, hi, *, spec: QuantizerSpec, rng: np.random.Generator | None 
         )
     if spec.rounding == "stochastic" and rng is None:
         raise ParameterError("rounding='stochastic' needs a random stream (rng=...).")
-    xp = array_namespace(x)
-    slabs = _row_slabs(*x.shape)
-    if len(slabs) > 1:
-        return xp.concatenate(
-            [
-                _quantize_slab(
-                    x[r0:r1],
-                    _slab_range(lo, r0, r1, spec),
-                    _slab_range(hi, r0, r1, spec),
-                    spec=spec,
-                    rng=rng,
-                )
-                for r0, r1 in slabs
-            ],
-            axis=0,
-        )
-    return _quantize_slab(x, lo, hi, spec=spec, rng=rng)
+    return _by_row_slabs(_quantize_slab, x, lo, hi, spec=spec, rng=rng)
 
 
 def _quantize_slab(x, lo, hi, *, spec: QuantizerSpec, rng):
@@ -289,22 +281,10 @@ def _quantize_slab(x, lo, hi, *, spec: QuantizerSpec, rng):
 
 def dequantize(codes, lo, hi, *, spec: QuantizerSpec, dtype=np.float32):
     """Values of the levels that ``codes`` name, as ``dtype`` (float32 by default)."""
-    slabs = _row_slabs(*codes.shape)
-    if len(slabs) > 1:
-        xp = array_namespace(codes)
-        return xp.concatenate(
-            [
-                dequantize(
-                    codes[r0:r1],
-                    _slab_range(lo, r0, r1, spec),
-                    _slab_range(hi, r0, r1, spec),
-                    spec=spec,
-                    dtype=dtype,
-                )
-                for r0, r1 in slabs
-            ],
-            axis=0,
-        )
+    return _by_row_slabs(_dequantize_slab, codes, lo, hi, spec=spec, dtype=dtype)
+
+
+def _dequantize_slab(codes, lo, hi, *, spec: QuantizerSpec, dtype):
     lo = expand_range(lo, codes.shape, spec=spec)
     hi = expand_range(hi, codes.shape, spec=spec)
     # lo·(1 − t) + hi·t with t = k / (2^B − 1) hits both endpoints exactly (lo + k·step can
