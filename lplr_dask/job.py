@@ -47,6 +47,7 @@ from dask.base import tokenize
 from . import __version__
 from ._array import to_numpy
 from .api import (
+    METHODS,
     ROTATED_METHODS,
     CompressionConfig,
     CompressionResult,
@@ -69,7 +70,7 @@ from .engine import (
     sketch_matrix,
     sketch_with_norms,
 )
-from .errors import LPLRError, OutputExistsError
+from .errors import LPLRError, OutputExistsError, ParameterError
 from .inputs import InputMatrix, open_input
 from .linalg import gram_pinv, top_eigenvectors
 from .random import STREAM_LPLR_SVD_MIX, block_generator
@@ -251,9 +252,6 @@ class CompressionJob:
             In the ``verify`` stage, also measure the error by an independent blockwise pass
             over A and the stored codes (one more pass) and require agreement.
         """
-        from .api import METHODS
-        from .errors import ParameterError
-
         if method not in METHODS:
             raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
         if budget is not None and rank is not None:

@@ -90,8 +90,15 @@ class PrefectServer:
             "PREFECT_LOGGING_LEVEL": "INFO",
         }
         self.proc = spawn(
-            [str(BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port",
-             str(self.port)],
+            [
+                str(BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+            ],
             self.log,
             env=self.env,
         )
@@ -130,16 +137,38 @@ class DaskProcesses:
         self.address = f"tcp://127.0.0.1:{self.port}"
         env = {**os.environ, "DASK_DISTRIBUTED__WORKER__DAEMON": "false"}
         self.scheduler = spawn(
-            [str(BIN / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(self.port),
-             "--dashboard-address", ":0", "--no-show"],
+            [
+                str(BIN / "dask"),
+                "scheduler",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--dashboard-address",
+                ":0",
+                "--no-show",
+            ],
             root / "scheduler.log",
             env=env,
         )
         self.workers = [
             spawn(
-                [str(BIN / "dask"), "worker", self.address, "--host", "127.0.0.1", "--nthreads",
-                 "1", "--no-nanny", "--memory-limit", memory_limit, "--name", f"w{i}",
-                 "--dashboard-address", ":0"],
+                [
+                    str(BIN / "dask"),
+                    "worker",
+                    self.address,
+                    "--host",
+                    "127.0.0.1",
+                    "--nthreads",
+                    "1",
+                    "--no-nanny",
+                    "--memory-limit",
+                    memory_limit,
+                    "--name",
+                    f"w{i}",
+                    "--dashboard-address",
+                    ":0",
+                ],
                 root / f"worker{i}.log",
                 env=env,
             )
@@ -154,8 +183,13 @@ class DaskProcesses:
             return len(c.scheduler_info(n_workers=-1)["workers"])
 
     def wait_for_workers(self, n: int, timeout: float = 60) -> None:
-        _wait(lambda: self.n_workers() >= n, timeout, f"{n} dask workers", self.scheduler,
-              self.root / "scheduler.log")
+        _wait(
+            lambda: self.n_workers() >= n,
+            timeout,
+            f"{n} dask workers",
+            self.scheduler,
+            self.root / "scheduler.log",
+        )
 
     def close(self):
         for p in [*self.workers, self.scheduler]:

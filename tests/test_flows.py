@@ -27,8 +27,15 @@ from lplr_dask import compress
 ROOT = Path(__file__).resolve().parents[1]
 # Projection long enough to kill a worker in the middle of it: 64 panels of 4096 × 128.
 SHAPE, BLOCK = (4096, 8192), (1024, 128)
-PARAMS = {"method": "lplr", "rank": 32, "bits_left": 4, "bits_right": 4, "seed": 5,
-          "block_shape": list(BLOCK), "group_size": 128}
+PARAMS = {
+    "method": "lplr",
+    "rank": 32,
+    "bits_left": 4,
+    "bits_right": 4,
+    "seed": 5,
+    "block_shape": list(BLOCK),
+    "group_size": 128,
+}
 
 
 @pytest.fixture(scope="module")
@@ -79,9 +86,7 @@ def _flow_runs(server, name=None):
 
 
 def _artifacts(server, flow_run_id):
-    return server.post(
-        "/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
-    )
+    return server.post("/artifacts/filter", {"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
 
 
 def _check_run_artifacts(server, run_id):
@@ -97,9 +102,7 @@ def _check_run_artifacts(server, run_id):
 
 
 def _task_names(server, run_id):
-    runs = server.post(
-        "/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [run_id]}}}
-    )
+    runs = server.post("/task_runs/filter", {"task_runs": {"flow_run_id": {"any_": [run_id]}}})
     return {r["name"].rsplit("-", 1)[0]: r["state_type"] for r in runs}
 
 
@@ -113,18 +116,29 @@ def test_deployment_end_to_end(prefect_server, matrix, tmp_path):
     try:
 
         def prefect(*args):
-            subprocess.run([str(BIN / "prefect"), *args], cwd=ROOT, env=env, check=True,
-                           capture_output=True, timeout=120)
+            subprocess.run(
+                [str(BIN / "prefect"), *args],
+                cwd=ROOT,
+                env=env,
+                check=True,
+                capture_output=True,
+                timeout=120,
+            )
 
         prefect("work-pool", "create", "lplr-process", "--type", "process")
         prefect("--no-prompt", "deploy", "--all", "--prefect-file", "deploy/prefect.yaml")
         deployments = {d["name"] for d in prefect_server.post("/deployments/filter", {})}
         assert {"demo-nightly", "cluster-nightly", "on-demand"} <= deployments
-        worker = spawn([str(BIN / "prefect"), "worker", "start", "--pool", "lplr-process"],
-                       tmp_path / "prefect-worker.log", env=env, cwd=tmp_path)
+        worker = spawn(
+            [str(BIN / "prefect"), "worker", "start", "--pool", "lplr-process"],
+            tmp_path / "prefect-worker.log",
+            env=env,
+            cwd=tmp_path,
+        )
         cfg = _config(tmp_path / "run.yaml", src, tmp_path / "out", dask.address)
-        dep = next(d for d in prefect_server.post("/deployments/filter", {})
-                   if d["name"] == "demo-nightly")
+        dep = next(
+            d for d in prefect_server.post("/deployments/filter", {}) if d["name"] == "demo-nightly"
+        )
         assert dep["schedules"][0]["schedule"]["cron"] == "0 2 * * *"
         run = prefect_server.post(
             f"/deployments/{dep['id']}/create_flow_run",
@@ -138,13 +152,24 @@ def test_deployment_end_to_end(prefect_server, matrix, tmp_path):
             time.sleep(1)
         log = (tmp_path / "prefect-worker.log").read_text()[-4000:]
         assert state == "COMPLETED", log
-        child = next(r for r in _flow_runs(prefect_server, "compress-matrix")
-                     if r["parent_task_run_id"] and r["state_type"] == "COMPLETED"
-                     and r["parameters"]["source"] == src)
+        child = next(
+            r
+            for r in _flow_runs(prefect_server, "compress-matrix")
+            if r["parent_task_run_id"]
+            and r["state_type"] == "COMPLETED"
+            and r["parameters"]["source"] == src
+        )
         _check_run_artifacts(prefect_server, child["id"])
         tasks = _task_names(prefect_server, child["id"])
-        for stage in ("open-and-validate", "plan", "sketch", "basis", "project", "verify",
-                      "publish"):
+        for stage in (
+            "open-and-validate",
+            "plan",
+            "sketch",
+            "basis",
+            "project",
+            "verify",
+            "publish",
+        ):
             assert tasks.get(stage) == "COMPLETED", tasks
         assert group_digest(tmp_path / "out" / "A.lplr.zarr") == reference
     finally:
@@ -262,8 +287,9 @@ def test_flow_artifacts_and_stage_task_runs(prefect_server, matrix, tmp_path):
 def test_flow_run_reports_a_bad_config(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("inputs: [a.zarr]\noutput_dir: out\ncompresion: {budget: 1}\n")
-    r = subprocess.run([str(BIN / "lplr"), "flow", "run", str(bad)], capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        [str(BIN / "lplr"), "flow", "run", str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert r.returncode == 2
     assert "unknown key 'compresion'. Did you mean 'compression'?" in r.stderr
     assert "Traceback" not in r.stderr
@@ -297,8 +323,10 @@ def test_batch_over_a_zarr_group_compresses_all_and_names_the_failure(prefect_se
     with pytest.raises(BatchFailed, match=r"1 of 3 matrices failed: .*layers.zarr/v .*NaN"):
         compress_matrices(config=cfg)
     out = tmp_path / "out"
-    assert sorted(p.name for p in out.glob("layers.*")) == ["layers.k.lplr.zarr",
-                                                            "layers.q.lplr.zarr"]
+    assert sorted(p.name for p in out.glob("layers.*")) == [
+        "layers.k.lplr.zarr",
+        "layers.q.lplr.zarr",
+    ]
     assert len(list(out.glob(".layers.v.lplr.zarr.lplr-work-*"))) == 1  # kept for a resume
     batch = prefect_server.post(
         "/artifacts/filter", {"artifacts": {"key": {"any_": ["lplr-batch"]}}}
@@ -306,7 +334,9 @@ def test_batch_over_a_zarr_group_compresses_all_and_names_the_failure(prefect_se
     rows = batch[0]["data"]
     rows = json.loads(rows) if isinstance(rows, str) else rows
     assert sorted(r["output"].rsplit("/", 1)[-1] for r in rows) == [
-        "layers.k.lplr.zarr", "layers.q.lplr.zarr"]
+        "layers.k.lplr.zarr",
+        "layers.q.lplr.zarr",
+    ]
 
 
 def test_compress_checkpoint_flow_fans_out_over_tensors(prefect_server, tmp_path):
