@@ -3,6 +3,8 @@
 The public API::
 
     compress(source, output, *, rank=..., budget=..., method="lplr", ...) -> CompressionResult
+    CompressionJob.create(source, output, ..., resume=True)   # the same, stage by stage
+    compress_checkpoint(src, dst, *, budget, method="auto") / restore_checkpoint(dst, out)
     lplr_dask.reader.open_compressed(path) -> CompressedMatrix  # L, R, reconstruction, matvec
     lplr_dask.reader.relative_error(source, path) -> float      # independent blockwise check
     QuantizerSpec                                 # the quantizer of one factor
@@ -11,7 +13,9 @@ The public API::
 __version__ = "0.1.0"
 
 from .api import METHODS, CompressionResult, compress
+from .checkpoint import compress_checkpoint, restore_checkpoint
 from .errors import (
+    ConfigError,
     InputError,
     LPLRError,
     NonFiniteInputError,
@@ -19,11 +23,14 @@ from .errors import (
     ParameterError,
     StorageFormatError,
 )
+from .job import CompressionJob
 from .quantize import QuantizerSpec
 
 __all__ = [
     "METHODS",
+    "CompressionJob",
     "CompressionResult",
+    "ConfigError",
     "InputError",
     "LPLRError",
     "NonFiniteInputError",
@@ -33,4 +40,6 @@ __all__ = [
     "StorageFormatError",
     "__version__",
     "compress",
+    "compress_checkpoint",
+    "restore_checkpoint",
 ]
