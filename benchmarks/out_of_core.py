@@ -102,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--n", type=int, default=32768, help="rows of A")
     p.add_argument("--d", type=int, default=32768, help="columns of A")
     p.add_argument("--chunk", type=int, default=4096, help="Zarr chunk (square) of A")
+    p.add_argument("--method", default="lplr", choices=["lplr", "paper", "nq", "nq+lplr"])
+    p.add_argument("--bits-matrix", type=int, default=4, help="nq, nq+lplr: bits of Q(A)")
     p.add_argument("--rank", type=int, default=128)
     p.add_argument("--bits-left", type=int, default=8)
     p.add_argument("--bits-right", type=int, default=8)
@@ -446,12 +448,18 @@ def main(argv=None) -> int:
 
         def run_compress():
             try:
+                sizes = (
+                    {"bits_matrix": args.bits_matrix}
+                    if args.method == "nq"
+                    else {"rank": m, "bits_left": args.bits_left, "bits_right": args.bits_right}
+                )
+                if args.method == "nq+lplr":
+                    sizes["bits_matrix"] = args.bits_matrix
                 outcome["result"] = compress(
                     str(a_path),
                     str(out_path),
-                    rank=m,
-                    bits_left=args.bits_left,
-                    bits_right=args.bits_right,
+                    method=args.method,
+                    **sizes,
                     overwrite=True,
                     on_stage=on_stage,
                 )
