@@ -105,6 +105,7 @@ def choose_config(
     max_rank=512,
     stages: Stages | None = None,
     sample_cols: int = 2048,
+    _samples: dict | None = None,
 ) -> tuple[CompressionConfig, list[dict]]:
     """The configuration with the lowest measured error among those within ``budget``.
 
@@ -140,6 +141,7 @@ def choose_config(
             stages=stages,
             sample_cols=sample_cols,
         )
+    samples = {} if _samples is None else _samples
     kw = dict(
         method=method,
         shape=shape,
@@ -202,6 +204,7 @@ def choose_config(
             make,
             stages=stages,
             sample_cols=sample_cols,
+            samples=samples,
             seed=seed,
             method=method,
             n_power_iter=kw["n_power_iter"],
@@ -231,9 +234,12 @@ def _choose_auto(matrix: InputMatrix, *, budget: float, stages: Stages, **params
     fits the budget, each scored on the same seeded column sample; the lowest estimated error
     wins. Costs one sketch pass per low-rank method plus reads of the sample."""
     best, table, refused = None, [], []
+    samples: dict = {}  # the column sample is read from A once, shared by every method
     for method in AUTO_METHODS:
         try:
-            cfg, rows = choose_config(matrix, budget=budget, method=method, stages=stages, **params)
+            cfg, rows = choose_config(
+                matrix, budget=budget, method=method, stages=stages, _samples=samples, **params
+            )
         except ParameterError as exc:
             refused.append(f"{method}: {exc}")
             continue
@@ -246,7 +252,11 @@ def _choose_auto(matrix: InputMatrix, *, budget: float, stages: Stages, **params
                     "bits_matrix": cfg.matrix.bits,
                     "bits_per_entry": cfg.bits_per_entry(matrix.shape),
                     "estimated_rel_error": _estimate_nq_error(
-                        matrix, cfg, stages=stages, sample_cols=params["sample_cols"]
+                        matrix,
+                        cfg,
+                        stages=stages,
+                        sample_cols=params["sample_cols"],
+                        samples=samples,
                     ),
                 }
             ]
@@ -262,7 +272,9 @@ def _choose_auto(matrix: InputMatrix, *, budget: float, stages: Stages, **params
     return best[1], table
 
 
-def _estimate_nq_error(matrix: InputMatrix, cfg: CompressionConfig, *, stages, sample_cols):
+def _estimate_nq_error(
+    matrix: InputMatrix, cfg: CompressionConfig, *, stages, sample_cols, samples
+):
     """Relative error of Q(A) on the seeded sample of whole column groups (exact for
     group-wise scales, whose groups the sample keeps whole)."""
     from .api import _nq_residual
@@ -270,7 +282,7 @@ def _estimate_nq_error(matrix: InputMatrix, cfg: CompressionConfig, *, stages, s
     a, spec = matrix.data, cfg.matrix
     group = spec.group_size if spec.granularity == "group" else 128
     cols = _sample_columns(a.shape[1], group=group, sample_cols=sample_cols, seed=cfg.seed)
-    sub = a[:, cols].rechunk({1: -1})
+    sub = _column_sample(a, cols, stages=stages, samples=samples)
     res = sub.map_blocks(_nq_residual, dtype=a.dtype, spec=spec, lo=None, hi=None, seed=cfg.seed)
     num, den = stages.compute(
         "search-nq", (res.astype(np.float64) ** 2).sum(), (sub.astype(np.float64) ** 2).sum()
@@ -302,7 +314,19 @@ def _inverse_cholesky(g: np.ndarray) -> np.ndarray | None:
     return np.linalg.inv(c)
 
 
-def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, method, n_power_iter):
+def _column_sample(a, cols: np.ndarray, *, stages: Stages, samples: dict):
+    """A[:, cols] as one column block, persisted on the workers in a stage of its own (as a
+    second consumer of A's tiles in the sketch stage it would stop Dask from streaming);
+    read once per (A, cols) and kept in ``samples`` for the other methods of ``auto``."""
+    key = (a.name, cols.tobytes())
+    if key not in samples:
+        (samples[key],) = stages.persist("search-sample", a[:, cols].rechunk({1: -1}))
+    return samples[key]
+
+
+def _estimate_errors(
+    matrix, candidates, make, *, stages, sample_cols, samples, seed, method, n_power_iter
+):
     """Estimated relative errors of ``candidates`` [(m, B, B′, B_nq)] from one sketch pass."""
     from .api import _nq_residual, _orthonormalize, _times, check_finite_input
 
@@ -312,9 +336,7 @@ def _estimate_errors(matrix, candidates, make, *, stages, sample_cols, seed, met
     k = max(c[0] for c in candidates)
     group = cfg0.right.group_size if cfg0.right.granularity == "group" else 128
     cols = _sample_columns(d, group=group, sample_cols=sample_cols, seed=seed)
-    # The sample is read in a stage of its own: as a second consumer of A's tiles in the sketch
-    # stage it would make Dask read every tile before the first GEMM (no streaming).
-    (orig_sub,) = stages.persist("search-sample", a[:, cols].rechunk({1: -1}))
+    orig_sub = _column_sample(a, cols, stages=stages, samples=samples)
     sub = orig_sub
     if cfg0.matrix is not None:
         # nq+lplr: the low-rank part models the residual of the group-wise quantizer Q(A).

@@ -39,7 +39,6 @@ import math
 import re
 import shutil
 import struct
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -61,7 +60,13 @@ from .checkpoint_policy import (
     override_candidate,
 )
 from .errors import InputError, ParameterError, StorageFormatError
-from .storage import check_output_path, publish, temporary_output
+from .storage import (
+    check_output_path,
+    publish,
+    scratch_dir,
+    temporary_output,
+    write_json_atomic,
+)
 
 __all__ = [
     "CheckpointPlan",
@@ -698,9 +703,7 @@ def compress_tensor(
                 "error2": res.rel_fro_error**2 * norm2,
                 "seconds": time.perf_counter() - t0,
             }
-            tmp = tdir / "curve.json.tmp"
-            tmp.write_text(json.dumps(curve))
-            tmp.replace(tdir / "curve.json")
+            write_json_atomic(tdir / "curve.json", curve)
         if isinstance(source, str):
             shutil.rmtree(source, ignore_errors=True)
     return curve
@@ -739,6 +742,36 @@ class CheckpointResult:
         return tensor_table(self.tensors)
 
 
+BITS_COLUMN = "bits (B/B'/B_nq)"
+
+
+def tensor_rows(tensors: Sequence[Mapping]) -> list[dict]:
+    """One flat, display-ready dict per tensor of an index or result (every tensor; "-" where
+    a field does not apply): the per-tensor table of the CLI and the flow's artifact."""
+    rows = []
+    for t in tensors:
+        done = t["storage"] == "compressed"
+        rows.append(
+            {
+                "tensor": t["name"],
+                "shape": "×".join(map(str, t["shape"])),
+                "dtype": t["dtype"],
+                "storage": t["storage"],
+                "method": t.get("method") or "-",
+                "rank": t.get("rank") or "-",
+                BITS_COLUMN: "/".join(
+                    "-" if t.get(k) is None else str(t[k])
+                    for k in ("bits_left", "bits_right", "bits_matrix")
+                )
+                if done
+                else "-",
+                "bits_per_entry": round(t["bits_per_entry"], 4) if done else "-",
+                "rel_fro_error": round(t["rel_fro_error"], 5) if done else "-",
+            }
+        )
+    return rows
+
+
 def tensor_table(tensors: Sequence[Mapping]) -> str:
     """A Markdown table of the compressed tensors of an index or result."""
     lines = [
@@ -746,18 +779,14 @@ def tensor_table(tensors: Sequence[Mapping]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     passthrough = 0
-    for t in tensors:
+    for t, r in zip(tensors, tensor_rows(tensors), strict=True):
         if t["storage"] != "compressed":
             passthrough += 1
             continue
-        bits = "/".join(
-            "-" if t.get(k) is None else str(t[k])
-            for k in ("bits_left", "bits_right", "bits_matrix")
-        )
+        bits = r[BITS_COLUMN]
         lines.append(
-            f"| {t['name']} | {t['shape'][0]}×{t['shape'][1]} | {t['method']} | "
-            f"{t.get('rank') or '-'} | {bits} | {t['bits_per_entry']:.3f} | "
-            f"{t['rel_fro_error']:.4f} |"
+            f"| {r['tensor']} | {r['shape']} | {r['method']} | {r['rank']} | {bits} | "
+            f"{t['bits_per_entry']:.3f} | {t['rel_fro_error']:.4f} |"
         )
     lines.append(f"\n{passthrough} tensors passed through unchanged.")
     return "\n".join(lines)
@@ -1000,25 +1029,15 @@ def compress_checkpoint(
         seed=seed,
         group_size=group_size,
     )
-    own_work = work_dir is None
-    if own_work:
-        work_dir = Path(tempfile.mkdtemp(prefix=f".{out.name}.lplr-work-", dir=out.parent))
-    try:
+    with scratch_dir(out, work_dir) as work:
         todo = plan.compressed
         for i, e in enumerate(todo):
             if on_tensor is not None:
                 on_tensor(e.name, i, len(todo))
-            compress_tensor(e, work_dir=work_dir, stage_threshold_bytes=stage_threshold_bytes)
+            compress_tensor(e, work_dir=work, stage_threshold_bytes=stage_threshold_bytes)
         return finalize_checkpoint(
-            plan,
-            out,
-            work_dir=work_dir,
-            overwrite=overwrite,
-            seconds=time.perf_counter() - t0,
+            plan, out, work_dir=work, overwrite=overwrite, seconds=time.perf_counter() - t0
         )
-    finally:
-        if own_work:
-            shutil.rmtree(work_dir, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------- reading

@@ -37,16 +37,19 @@ def _progress_callback(enabled: bool):
     return on_stage
 
 
-def _cluster_args(p):
+def _cluster_args(p, *, default="local", help=None, progress=True):
     p.add_argument(
         "--cluster",
-        default="local",
-        help="'local' (a new LocalCluster, default), 'cuda' (LocalCUDACluster; GPU "
+        default=default,
+        help=help
+        or "'local' (a new LocalCluster, default), 'cuda' (LocalCUDACluster; GPU "
         "extra) or a scheduler ADDRESS such as tcp://127.0.0.1:8786",
     )
     p.add_argument("--workers", type=int, default=None, help="local cluster: worker processes")
     p.add_argument("--threads", type=int, default=None, help="local cluster: threads per worker")
     p.add_argument("--memory-limit", default="auto", help="local cluster: memory per worker")
+    if not progress:
+        return
     p.add_argument(
         "--progress",
         dest="progress",

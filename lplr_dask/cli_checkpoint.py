@@ -11,6 +11,8 @@ from __future__ import annotations
 import contextlib
 import sys
 
+from .cli import _client as cli_client
+from .cli import _cluster_args as cli_cluster_args
 from .cli import _emit
 from .errors import ParameterError
 
@@ -57,14 +59,7 @@ def _scheduler(args):
         with dask.config.set(scheduler="threads"):
             yield
         return
-    from .cluster import dask_client
-
-    with dask_client(
-        args.cluster,
-        n_workers=args.workers,
-        threads_per_worker=args.threads,
-        memory_limit=args.memory_limit,
-    ):
+    with cli_client(args):
         yield
 
 
@@ -155,15 +150,13 @@ def cmd_info(args) -> int:
 
 
 def _cluster_args(p):
-    p.add_argument(
-        "--cluster",
+    cli_cluster_args(
+        p,
         default="threads",
         help="'threads' (this process, default: fine for checkpoints of small tensors), "
         "'local' (a LocalCluster), 'cuda', or a scheduler ADDRESS",
+        progress=False,
     )
-    p.add_argument("--workers", type=int, default=None, help="local cluster: worker processes")
-    p.add_argument("--threads", type=int, default=None, help="local cluster: threads per worker")
-    p.add_argument("--memory-limit", default="auto", help="local cluster: memory per worker")
 
 
 def add_parser(sub) -> None:

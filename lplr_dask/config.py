@@ -27,13 +27,12 @@ import difflib
 import glob as _glob
 import os
 import re
-import shutil
 import types
 import typing
-import uuid
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from .api import DEFAULT_GROUP_SIZE, METHODS
 from .errors import ConfigError
 
 __all__ = [
@@ -127,7 +126,7 @@ class CompressionParams:
     bits_left: int | None = None
     bits_right: int | None = None
     bits_matrix: int | None = None
-    group_size: int = 128
+    group_size: int = DEFAULT_GROUP_SIZE
     n_oversamples: int = 0
     n_power_iter: int | None = None
     seed: int = 0
@@ -136,8 +135,6 @@ class CompressionParams:
     max_rank: int = 512
 
     def __post_init__(self):
-        from .api import METHODS
-
         if self.method not in METHODS:
             raise ConfigError(
                 f"compression.method={self.method!r} is unknown; use one of {', '.join(METHODS)}."
@@ -182,13 +179,13 @@ class DatasetSpec:
         """Write the matrix at ``path`` unless something is there; True if it was written.
         Written under a temporary name and renamed, so a crash leaves no half matrix."""
         from .datasets import low_rank_plus_noise
+        from .storage import publish, temporary_output
 
         dest = Path(path)
         if dest.exists():
             return False
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
+        with temporary_output(dest) as tmp:
             low_rank_plus_noise(
                 tmp,
                 self.shape,
@@ -198,9 +195,7 @@ class DatasetSpec:
                 chunks=self.chunks,
                 seed=self.seed,
             )
-            tmp.rename(dest)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            publish(tmp, dest)
         return True
 
 

@@ -46,7 +46,9 @@ __all__ = [
     "create_factor",
     "publish",
     "read_metadata",
+    "scratch_dir",
     "temporary_output",
+    "write_json_atomic",
 ]
 
 FORMAT_NAME = "lplr-dask"
@@ -85,6 +87,29 @@ def temporary_output(output: Path):
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+@contextlib.contextmanager
+def scratch_dir(output: Path, work_dir=None):
+    """``work_dir`` as given (kept), or a fresh ``.NAME.lplr-work-*`` directory beside
+    ``output`` that is removed when the block ends, whatever happens."""
+    if work_dir is not None:
+        yield Path(work_dir)
+        return
+    tmp = output.parent / f".{output.name}.lplr-work-{uuid.uuid4().hex[:12]}"
+    tmp.mkdir()
+    try:
+        yield tmp
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    """Write ``obj`` as JSON so that ``path`` is either absent/old or complete (rename)."""
+    path = Path(path)
+    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp.write_text(json.dumps(obj, indent=1, default=float))
+    os.replace(tmp, path)
 
 
 def publish(tmp: Path, output: Path) -> None:

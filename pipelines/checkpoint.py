@@ -12,8 +12,6 @@ Dask graphs through a ``distributed.Client`` (see :mod:`pipelines.flows`).
 
 from __future__ import annotations
 
-import shutil
-import tempfile
 import time
 
 from prefect import flow, get_run_logger, task, unmapped
@@ -32,9 +30,10 @@ from lplr_dask.checkpoint import (
     compress_tensor,
     finalize_checkpoint,
     plan_checkpoint,
+    tensor_rows,
 )
 from lplr_dask.config import ClusterConfig
-from lplr_dask.storage import check_output_path
+from lplr_dask.storage import check_output_path, scratch_dir
 
 from .flows import _RETRY
 
@@ -131,40 +130,17 @@ def compress_checkpoint_flow(
     plan = plan_task(src, budget, method, policy or {}, seed, group_size)
     entries = [e.to_dict() for e in plan.compressed]
     progress = create_progress_artifact(0.0, key="lplr-checkpoint-progress", description="plan")
-    own_work = work_dir is None
-    work = work_dir or tempfile.mkdtemp(prefix=f".{out.name}.lplr-work-", dir=out.parent)
-    try:
-        with cluster.client() as client:
-            logger.info("Dask dashboard %s", client.dashboard_link)
-            done: list[str] = []
-            futures = tensor_task.map(
-                entries, unmapped(work), unmapped(progress), unmapped(done), unmapped(len(entries))
-            )
-            futures.result()  # raises the first failure
-            result = finalize_task(plan, str(out), work, overwrite, time.perf_counter() - t0)
-    finally:
-        if own_work:
-            shutil.rmtree(work, ignore_errors=True)
-    rows = [
-        {
-            "tensor": t["name"],
-            "shape": "×".join(map(str, t["shape"])),
-            "dtype": t["dtype"],
-            "storage": t["storage"],
-            "method": t.get("method") or "-",
-            "rank": t.get("rank") or "-",
-            "bits (B/B'/B_nq)": "/".join(
-                "-" if t.get(k) is None else str(t[k])
-                for k in ("bits_left", "bits_right", "bits_matrix")
-            )
-            if t["storage"] == "compressed"
-            else "-",
-            "bits_per_entry": round(t["bits_per_entry"], 4) if t.get("bits_per_entry") else "-",
-            "rel_fro_error": round(t["rel_fro_error"], 5) if "rel_fro_error" in t else "-",
-        }
-        for t in result.tensors
-    ]
-    create_table_artifact(rows, key="lplr-checkpoint-tensors", description=f"{src} → {dst}")
+    with scratch_dir(out, work_dir) as work, cluster.client() as client:
+        logger.info("Dask dashboard %s", client.dashboard_link)
+        done: list[str] = []
+        futures = tensor_task.map(
+            entries, unmapped(str(work)), unmapped(progress), unmapped(done), unmapped(len(entries))
+        )
+        futures.result()  # raises the first failure
+        result = finalize_task(plan, str(out), str(work), overwrite, time.perf_counter() - t0)
+    create_table_artifact(
+        tensor_rows(result.tensors), key="lplr-checkpoint-tensors", description=f"{src} → {dst}"
+    )
     create_markdown_artifact(
         f"# {src} → {dst}\n\n"
         f"**{result.method}** at {result.budget} bits per compressed parameter: "
