@@ -60,7 +60,7 @@ from .checkpoint_policy import (
     override_candidate,
 )
 from .errors import InputError, ParameterError, StorageFormatError
-from .storage import (
+from .fs import (
     check_output_path,
     publish,
     scratch_dir,

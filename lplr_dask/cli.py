@@ -97,8 +97,8 @@ def _summary_lines(r: dict) -> list[str]:
 
 def cmd_compress(args) -> int:
     from .api import compress
+    from .fs import check_output_path
     from .inputs import open_input
-    from .storage import check_output_path
 
     # Fail fast, before a cluster starts, on the commonest mistakes.
     matrix = open_input(args.input)

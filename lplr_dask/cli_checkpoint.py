@@ -75,7 +75,7 @@ def _summary(s: dict) -> list[str]:
 def cmd_compress(args) -> int:
     from .checkpoint import compress_checkpoint, plan_checkpoint
     from .checkpoint_policy import TensorPolicy
-    from .storage import check_output_path
+    from .fs import check_output_path
 
     policy = TensorPolicy(
         min_size=args.min_size,

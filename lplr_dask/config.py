@@ -179,7 +179,7 @@ class DatasetSpec:
         """Write the matrix at ``path`` unless something is there; True if it was written.
         Written under a temporary name and renamed, so a crash leaves no half matrix."""
         from .datasets import low_rank_plus_noise
-        from .storage import publish, temporary_output
+        from .fs import publish, temporary_output
 
         dest = Path(path)
         if dest.exists():

@@ -20,6 +20,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
+from threadpoolctl import threadpool_limits
 
 from ._array import array_namespace, asarray_like, to_numpy
 from .packing import decode_float, encode_float
@@ -53,7 +54,13 @@ def _client():
 
 @dataclass
 class Stages:
-    """Runs stages on the active scheduler and records their wall-clock seconds."""
+    """Runs stages on the active scheduler and records their wall-clock seconds.
+
+    On a local (threaded or synchronous) scheduler the block kernels run with one BLAS thread,
+    as on distributed workers (whose nannies set ``OPENBLAS_NUM_THREADS=1``): OpenBLAS sums in
+    another order with more threads, and the codes must not depend on where they were computed.
+    Dask's threads give the parallelism.
+    """
 
     on_stage: StageCallback | None = None
     seconds: dict = field(default_factory=dict)
@@ -62,7 +69,8 @@ class Stages:
         t0 = time.perf_counter()
         client = _client()
         if client is None:
-            out = dask.persist(*collections)
+            with threadpool_limits(limits=1, user_api="blas"):
+                out = dask.persist(*collections)
         else:
             from distributed import futures_of, wait
 

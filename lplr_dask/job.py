@@ -71,31 +71,16 @@ from .engine import (
     sketch_matrix,
     sketch_with_norms,
 )
-from .errors import LPLRError, OutputExistsError, ParameterError
+from .errors import JobBusyError, OutputExistsError, ParameterError, VerificationError
+from .fs import check_output_path, publish, write_json_atomic
 from .inputs import InputMatrix, open_input
 from .linalg import gram_pinv, top_eigenvectors
 from .random import STREAM_LPLR_SVD_MIX, block_generator
-from .storage import (
-    FORMAT_VERSION,
-    bytes_on_disk,
-    check_output_path,
-    create_factor,
-    publish,
-    write_json_atomic,
-    write_metadata,
-)
+from .storage import FORMAT_VERSION, bytes_on_disk, create_factor, write_metadata
 
 __all__ = ["STAGES", "CompressionJob", "JobBusyError", "StageRecord", "VerificationError"]
 
 STAGES = ("plan", "quantize-matrix", "sketch", "basis", "project", "verify", "publish")
-
-
-class VerificationError(LPLRError):
-    """The written result does not check out (bytes on disk, or the independent error)."""
-
-
-class JobBusyError(LPLRError):
-    """Another live process is running the same resumable job."""
 
 
 @dataclass

@@ -11,15 +11,10 @@ import zarr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
+from .fs import check_output_path, publish, temporary_output
 from .inputs import open_input
 from .quantize import QuantizerSpec
-from .storage import (
-    check_output_path,
-    publish,
-    read_factor_block,
-    read_metadata,
-    temporary_output,
-)
+from .storage import read_factor_block, read_metadata
 
 __all__ = ["CompressedMatrix", "decompress", "open_compressed", "relative_error"]
 

@@ -17,115 +17,41 @@ group carries ``attrs["quantizer"]`` (a :class:`~lplr_dask.quantize.QuantizerSpe
 disk are the reported ``stored_bytes`` (plus Zarr's padding of edge chunks to the full chunk
 shape, and the metadata JSON).
 
-Writers put everything under a temporary sibling directory and :func:`publish` renames it into
-place only when complete, so an existing OUTPUT is never half-overwritten.
+Writers put everything under a temporary sibling directory and :func:`lplr_dask.fs.publish`
+renames it into place only when complete, so an existing OUTPUT is never half-overwritten.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
+import math
 import os
-import shutil
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 
-from .errors import OutputExistsError, StorageFormatError
+from .errors import StorageFormatError
 from .packing import BIT_ORDER, decode_float, pack_codes, packed_width, unpack_codes
 from .quantize import QuantizerSpec, dequantize
 
 __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
+    "ArrayLayout",
     "FactorWriter",
-    "check_output_path",
+    "bytes_on_disk",
     "create_factor",
-    "publish",
+    "factor_layout",
+    "layout_nbytes",
+    "read_factor_block",
     "read_metadata",
-    "scratch_dir",
-    "temporary_output",
-    "write_json_atomic",
+    "write_metadata",
 ]
 
 FORMAT_NAME = "lplr-dask"
 FORMAT_VERSION = 1
-
-
-def check_output_path(output: str | os.PathLike, *, overwrite: bool, inputs=()) -> Path:
-    """Refuse an OUTPUT that exists (without ``overwrite``) or that overlaps an input."""
-    out = Path(output).resolve()
-    for src in inputs:
-        src = Path(src).resolve()
-        if out == src or src in out.parents or out in src.parents:
-            raise OutputExistsError(
-                f"OUTPUT {output} overlaps INPUT {src}: writing there could destroy the input. "
-                "Choose an OUTPUT outside the input's directory."
-            )
-    if out.exists() and not overwrite:
-        raise OutputExistsError(
-            f"OUTPUT {output} already exists. Pass --overwrite (overwrite=True) to replace it "
-            "once the new result is complete, or choose another path."
-        )
-    if not out.parent.is_dir():
-        raise OutputExistsError(
-            f"The directory {out.parent} for OUTPUT does not exist; create it first."
-        )
-    return out
-
-
-@contextlib.contextmanager
-def temporary_output(output: Path):
-    """A fresh temporary directory beside ``output``; removed if the block fails."""
-    tmp = output.parent / f".{output.name}.lplr-tmp-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-@contextlib.contextmanager
-def scratch_dir(output: Path, work_dir=None):
-    """``work_dir`` as given (kept), or a fresh ``.NAME.lplr-work-*`` directory beside
-    ``output`` that is removed when the block ends, whatever happens."""
-    if work_dir is not None:
-        yield Path(work_dir)
-        return
-    tmp = output.parent / f".{output.name}.lplr-work-{uuid.uuid4().hex[:12]}"
-    tmp.mkdir()
-    try:
-        yield tmp
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write ``obj`` as JSON so that ``path`` is either absent/old or complete (rename)."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    tmp.write_text(json.dumps(obj, indent=1, default=float))
-    os.replace(tmp, path)
-
-
-def publish(tmp: Path, output: Path) -> None:
-    """Move a complete ``tmp`` into place, replacing ``output`` only after the move succeeds."""
-    old = None
-    if output.exists():
-        old = output.parent / f".{output.name}.lplr-old-{uuid.uuid4().hex[:12]}"
-        output.rename(old)
-    try:
-        tmp.rename(output)
-    except BaseException:
-        if old is not None:
-            old.rename(output)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 @dataclass(frozen=True)
@@ -174,50 +100,76 @@ class FactorWriter:
             self._array("lo")[r0 : r0 + lo.shape[0], c0 : c0 + lo.shape[1]] = lo
 
 
+@dataclass(frozen=True)
+class ArrayLayout:
+    """Shape, chunk shape and dtype of one stored array of a factor."""
+
+    shape: tuple[int, int]
+    chunks: tuple[int, int]
+    dtype: str
+
+    @property
+    def n_chunks(self) -> int:
+        return math.prod(-(-s // c) for s, c in zip(self.shape, self.chunks, strict=True))
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its chunk payloads as stored: Zarr pads edge chunks to the full chunk
+        shape, so this counts ``n_chunks`` whole chunks."""
+        return self.n_chunks * math.prod(self.chunks) * np.dtype(self.dtype).itemsize
+
+
+def factor_layout(shape, spec: QuantizerSpec, chunks) -> dict[str, ArrayLayout]:
+    """The arrays that store one factor of ``shape`` (``codes``, ``hi`` and maybe ``lo``).
+
+    ``chunks`` is the chunk shape of the unpacked factor (its compute blocks: each task writes
+    whole chunks). This is the one definition of the stored layout: :func:`create_factor`
+    creates these arrays and the bit accounting sums their :attr:`ArrayLayout.nbytes`.
+    """
+    rows, cols = (int(v) for v in shape)
+    crow, ccol = min(int(chunks[0]), rows), min(int(chunks[1]), cols)
+    if spec.is_float:
+        return {"codes": ArrayLayout((rows, cols), (crow, ccol), "uint16")}
+    b = spec.bits
+    out = {
+        "codes": ArrayLayout((rows, packed_width(cols, b)), (crow, packed_width(ccol, b)), "uint8")
+    }
+    rchunks = {
+        "tensor": (1, 1),
+        "column": (1, ccol),
+        "row": (crow, 1),
+        "group": (crow, -(-ccol // (spec.group_size or 1))),
+    }[spec.granularity]
+    for part in ("hi",) if spec.symmetric else ("hi", "lo"):
+        out[part] = ArrayLayout(spec.range_shape((rows, cols)), rchunks, "float32")
+    return out
+
+
+def layout_nbytes(shape, spec: QuantizerSpec, chunks) -> int:
+    """Stored bytes of a factor (codes and ranges, edge chunks padded); see
+    :func:`factor_layout`."""
+    return sum(a.nbytes for a in factor_layout(shape, spec, chunks).values())
+
+
 def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> FactorWriter:
     """Create the arrays of one factor (``L``, ``R`` or ``Q``) under the group at ``root``."""
     group = zarr.open_group(str(root), mode="a").require_group(name)
     group.attrs.update({"quantizer": spec.to_dict(), "shape": list(shape)})
+    layout = factor_layout(shape, spec, chunks)
+    for part, lay in layout.items():
+        group.create_array(
+            part,
+            shape=lay.shape,
+            chunks=lay.chunks,
+            dtype=lay.dtype,
+            compressors=None,
+            fill_value=0,
+            overwrite=True,
+        )
     rows, cols = shape
-    crow, ccol = min(chunks[0], rows), min(chunks[1], cols)
-    if spec.is_float:
-        group.create_array(
-            "codes",
-            shape=(rows, cols),
-            chunks=(crow, ccol),
-            dtype="uint16",
-            compressors=None,
-            fill_value=0,
-            overwrite=True,
-        )
-    else:
-        group.create_array(
-            "codes",
-            shape=(rows, packed_width(cols, spec.bits)),
-            chunks=(crow, packed_width(ccol, spec.bits)),
-            dtype="uint8",
-            compressors=None,
-            fill_value=0,
-            overwrite=True,
-        )
-        rshape = spec.range_shape(shape)
-        rchunks = {
-            "tensor": (1, 1),
-            "column": (1, ccol),
-            "row": (crow, 1),
-            "group": (crow, -(-ccol // (spec.group_size or 1))),
-        }[spec.granularity]
-        for part in ("hi",) if spec.symmetric else ("hi", "lo"):
-            group.create_array(
-                part,
-                shape=rshape,
-                chunks=rchunks,
-                dtype="float32",
-                compressors=None,
-                fill_value=0.0,
-                overwrite=True,
-            )
-    return FactorWriter(str(root / name), (rows, cols), spec, (crow, ccol))
+    return FactorWriter(
+        str(root / name), (rows, cols), spec, (min(chunks[0], rows), min(chunks[1], cols))
+    )
 
 
 def write_metadata(root: Path, meta: dict) -> None:

@@ -33,7 +33,7 @@ from lplr_dask.checkpoint import (
     tensor_rows,
 )
 from lplr_dask.config import ClusterConfig
-from lplr_dask.storage import check_output_path, scratch_dir
+from lplr_dask.fs import check_output_path, scratch_dir
 
 from .flows import _RETRY
 
