@@ -131,6 +131,7 @@ def main(argv=None) -> int:
             threads_per_worker=args.threads,
             memory_limit=args.memory_limit,
             processes=True,
+            host="127.0.0.1",
             dashboard_address=None,
             local_directory=str(scratch),
         )

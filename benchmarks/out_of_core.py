@@ -325,6 +325,7 @@ def _start_cluster(args, scratch):
         threads_per_worker=args.threads,
         memory_limit=args.memory_limit,
         processes=True,
+        host="127.0.0.1",
         dashboard_address=None,
         local_directory=str(scratch),
     )

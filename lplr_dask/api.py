@@ -17,15 +17,14 @@ from .engine import (
     tile_sumsq,
 )
 from .errors import NonFiniteInputError, ParameterError
+from .inputs import canonical_block_shape
 from .quantize import QuantizerSpec, block_range
 from .random import (
     STREAM_BASIS_ROTATION,
     STREAM_DITHER_MATRIX,
     block_generator,
 )
-from .storage import (
-    create_factor,
-)
+from .storage import create_factor, layout_nbytes
 
 __all__ = ["METHODS", "CompressionConfig", "CompressionResult", "compress", "make_config"]
 
@@ -37,7 +36,9 @@ DEFAULT_SVD_POWER_ITER = 2
 
 @dataclass(frozen=True)
 class CompressionConfig:
-    """A fully resolved configuration: method, rank and the quantizer of every factor."""
+    """A fully resolved configuration: method, rank, the quantizer of every factor and the
+    block grid of A, which fixes the chunk shapes of the stored arrays (L in row blocks of
+    ``block_shape[0]`` × rank, R in rank × ``block_shape[1]`` panels, Q(A) in blocks)."""
 
     method: str
     rank: int | None
@@ -47,18 +48,36 @@ class CompressionConfig:
     n_oversamples: int
     n_power_iter: int
     seed: int
+    block_shape: tuple[int, int] | None = None
+    """Rows and columns of A's canonical blocks; None (plan records of earlier versions):
+    the default grid of :func:`lplr_dask.inputs.canonical_block_shape`."""
+
+    def blocks(self, shape) -> tuple[int, int]:
+        """The block grid for a matrix of ``shape``, clipped to it."""
+        if self.block_shape is not None:
+            return (
+                min(int(self.block_shape[0]), shape[0]),
+                min(int(self.block_shape[1]), shape[1]),
+            )
+        groups = [s.group_size for s in (self.right, self.matrix) if s is not None and s.group_size]
+        return canonical_block_shape(shape, group_size=groups[0] if groups else None)
 
     def nbytes(self, shape) -> int:
-        """Stored bytes of the codes and ranges of every factor for a matrix of ``shape``."""
-        n, d = shape
+        """Bytes stored for the codes and ranges of every factor of a matrix of ``shape``:
+        the chunk payloads as they lie on disk, edge chunks padded to the full chunk shape
+        (:func:`lplr_dask.storage.layout_nbytes`), without checksums or metadata."""
+        n, d = (int(v) for v in shape)
+        br, bc = self.blocks((n, d))
         total = 0
         if self.matrix is not None:
-            total += self.matrix.nbytes((n, d))
+            total += layout_nbytes((n, d), self.matrix, (br, bc))
         if self.rank:
-            total += self.left.nbytes((n, self.rank)) + self.right.nbytes((self.rank, d))
+            total += layout_nbytes((n, self.rank), self.left, (br, self.rank))
+            total += layout_nbytes((self.rank, d), self.right, (self.rank, bc))
         return total
 
     def bits_per_entry(self, shape) -> float:
+        """8 × :meth:`nbytes` / (n·d): what the result costs on disk per entry of A."""
         return 8.0 * self.nbytes(shape) / (shape[0] * shape[1])
 
     def to_dict(self) -> dict:
@@ -66,6 +85,7 @@ class CompressionConfig:
         for name in ("left", "right", "matrix"):
             spec = getattr(self, name)
             d[name] = spec.to_dict() if spec is not None else None
+        d["block_shape"] = list(self.block_shape) if self.block_shape is not None else None
         return d
 
     @classmethod
@@ -74,7 +94,8 @@ class CompressionConfig:
             name: QuantizerSpec.from_dict(d[name]) if d.get(name) else None
             for name in ("left", "right", "matrix")
         }
-        return cls(**{**d, **specs})
+        block = d.get("block_shape")
+        return cls(**{**d, **specs, "block_shape": tuple(block) if block else None})
 
 
 @dataclass(frozen=True)
@@ -146,8 +167,14 @@ def make_config(
     n_power_iter: int | None = None,
     seed: int = 0,
     rounding: str = "nearest",
+    block_shape: tuple[int, int] | None = None,
 ) -> CompressionConfig:
-    """Validate parameters and build the quantizers of ``method`` (see :func:`compress`)."""
+    """Validate parameters and build the quantizers of ``method`` (see :func:`compress`).
+
+    ``block_shape`` is A's canonical block grid (``InputMatrix.block_shape``); by default
+    :func:`lplr_dask.inputs.canonical_block_shape` of ``shape`` and ``group_size``. It fixes
+    the stored chunk shapes, hence the bytes that :meth:`CompressionConfig.nbytes` counts.
+    """
     if method not in METHODS:
         raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
     if method == "auto":
@@ -173,6 +200,10 @@ def make_config(
         n_power_iter = DEFAULT_SVD_POWER_ITER if method in ("dsvd", "lplr-svd") else 0
     _check_int("n_power_iter", n_power_iter, 0)
     group = group_size or None
+    if block_shape is None:
+        blocks = canonical_block_shape((n, d), group_size=group)
+    else:
+        blocks = (min(int(block_shape[0]), n), min(int(block_shape[1]), d))
 
     def grouped(bits, fallback):
         if bits == 16:
@@ -189,7 +220,7 @@ def make_config(
     if method == "nq":
         if rank is not None:
             raise ParameterError("method='nq' quantizes A directly and takes no rank; drop --rank.")
-        return CompressionConfig(method, None, None, None, matrix, 0, 0, seed)
+        return CompressionConfig(method, None, None, None, matrix, 0, 0, seed, blocks)
     if rank is None:
         raise ParameterError(
             f"method={method!r} needs a rank (--rank M) or a budget (--budget BITS_PER_ENTRY)."
@@ -224,7 +255,9 @@ def make_config(
             else QuantizerSpec(bits=bl, granularity="column", rounding=rounding)
         )
         right = grouped(br, "row")
-    return CompressionConfig(method, rank, left, right, matrix, n_oversamples, n_power_iter, seed)
+    return CompressionConfig(
+        method, rank, left, right, matrix, n_oversamples, n_power_iter, seed, blocks
+    )
 
 
 # ----------------------------------------------------------------------------- method bodies
@@ -364,6 +397,7 @@ def compress(
     resume: bool = False,
     verify: bool = False,
     on_stage: StageCallback | None = None,
+    allow_missing_chunks: bool = False,
 ) -> CompressionResult:
     """Compress a matrix into low-rank, low-precision factors A ≈ L·R stored in Zarr.
 
@@ -412,7 +446,9 @@ def compress(
         for any storage tiling, worker count or backend.
     rounding : {"nearest", "stochastic"}, default "nearest"
     block_shape : (int, int), optional
-        The canonical block grid of the computation (default 4096 × 4096).
+        The canonical block grid of the computation, and the chunk shape of the stored
+        factors. Default: at most 4096 × 4096, in nearly equal blocks (see
+        :func:`lplr_dask.inputs.canonical_block_shape`).
     max_rank : int, default 512
         Largest rank the budget search considers.
     overwrite : bool, default False
@@ -426,12 +462,19 @@ def compress(
         codes (one more pass) before publishing.
     on_stage : callable, optional
         ``on_stage(stage, futures)`` for progress display on a distributed cluster.
+    allow_missing_chunks : bool, default False
+        A chunk missing from a Zarr INPUT is refused
+        (:class:`~lplr_dask.errors.DamagedInputError` naming it): Zarr would read it as the
+        fill value. With True, missing chunks are read as the fill value (Zarr leaves out
+        chunks that hold only the fill value unless written with ``write_empty_chunks``).
 
     Returns
     -------
     CompressionResult
         The measured ``rel_fro_error`` (exact, from LᵀA and LᵀL, no extra pass),
-        ``bits_per_entry`` = 8 · stored bytes / (n·d), timings and the configuration.
+        ``bits_per_entry`` = 8 · stored bytes / (n·d), where the stored bytes are the chunk
+        payloads on disk (edge chunks padded; checksums and metadata aside), timings and the
+        configuration.
 
     Notes
     -----
@@ -467,5 +510,6 @@ def compress(
         resume=resume,
         verify=verify,
         on_stage=on_stage,
+        allow_missing_chunks=allow_missing_chunks,
     )
     return job.run()

@@ -150,6 +150,7 @@ def choose_config(
         rounding=rounding,
         n_oversamples=n_oversamples,
         n_power_iter=n_power_iter,
+        block_shape=matrix.block_shape,  # the stored chunks: what the honest bytes count
     )
 
     if method == "nq":
@@ -182,6 +183,16 @@ def choose_config(
         else:
             top = int(min(8, np.floor(budget)))
             matrix_bits = sorted({max(1, top - 1), max(1, top)})
+            cheapest = min(_candidate_grid(bits_left, bits_right))
+            if all(make(1, *cheapest, b).bits_per_entry(shape) > budget for b in matrix_bits):
+                # Scales and padded edge chunks can cost more than the fraction of a bit the
+                # floor leaves: take the widest Q(A) that still leaves room for rank 1.
+                fits = [
+                    b
+                    for b in BIT_CHOICES[: matrix_bits[0] - 1]
+                    if make(1, *cheapest, b).bits_per_entry(shape) <= budget
+                ]
+                matrix_bits = fits[-1:] or matrix_bits
     candidates = []
     for bm in matrix_bits:
         for bl, br in _candidate_grid(bits_left, bits_right):

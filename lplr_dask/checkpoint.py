@@ -7,14 +7,24 @@ bfloat16) becomes a compressed checkpoint directory::
     DST/
       lplr_checkpoint.json      the index: every original tensor → its compressed group or its
                                 passthrough location; source dtype, shape, shard, method, rank,
-                                bits, measured error, bits per entry; the source shards' metadata
+                                bits, measured error, bits per entry; the source shards' metadata;
+                                (format version 2) the sha256 of every other file of DST
+                                ("checksums") and of its own canonical JSON ("index_sha256")
       tensors/NAME.zarr         one Zarr group per compressed tensor, written by
                                 :func:`lplr_dask.compress` (format ``lplr-dask``)
       passthrough.safetensors   every other tensor, bytes copied unchanged
       config.json, tokenizer files, 1_Pooling/, ...   every non-weight file, copied
 
 :func:`restore_checkpoint` writes a standard checkpoint back (the source's shard layout, the
-original names, shapes and dtypes), loadable by transformers and sentence-transformers.
+original names, shapes and dtypes), loadable by transformers and sentence-transformers, plus
+the marker ``lplr_restored.json``.
+
+Reading a compressed checkpoint (:func:`checkpoint_info`, :func:`restore_checkpoint`) checks
+the index's own sha256, then every file against its recorded sha256, before anything else;
+every path read from the index must be a plain relative path that stays inside DST once links
+are resolved (:class:`~lplr_dask.errors.UnsafePathError` otherwise). Damage is an
+:class:`~lplr_dask.errors.IntegrityError` naming the file. Version-1 indexes (written before
+checksums) are read unchecked, and say so.
 
 The work is split so that a flow can fan out over tensors, and :func:`compress_checkpoint` is
 built from the same pieces:
@@ -36,12 +46,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 import shutil
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -59,7 +71,13 @@ from .checkpoint_policy import (
     min_bits,
     override_candidate,
 )
-from .errors import InputError, ParameterError, StorageFormatError
+from .errors import (
+    InputError,
+    IntegrityError,
+    ParameterError,
+    StorageFormatError,
+    UnsafePathError,
+)
 from .fs import (
     check_output_path,
     publish,
@@ -77,14 +95,22 @@ __all__ = [
     "compress_checkpoint",
     "compress_tensor",
     "finalize_checkpoint",
+    "index_is_checked",
     "plan_checkpoint",
     "restore_checkpoint",
     "shard_checkpoint",
+    "tensor_rows",
+    "tensor_table",
 ]
 
 INDEX_NAME = "lplr_checkpoint.json"
 FORMAT_NAME = "lplr-dask-checkpoint"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Version 2 adds ``index_sha256`` and ``checksums``; version 1 indexes are read unchecked."""
+READABLE_VERSIONS = (1, 2)
+RESTORED_MARKER = "lplr_restored.json"
+"""Written by :func:`restore_checkpoint` into OUT so that a later ``--overwrite`` recognises it."""
+RESTORED_FORMAT = "lplr-dask-restored"
 HF_INDEX = "model.safetensors.index.json"
 PASSTHROUGH_FILE = "passthrough.safetensors"
 DEFAULT_STAGE_THRESHOLD = 256 * 2**20
@@ -140,22 +166,46 @@ def _read_header(path: Path) -> _Header:
             "safetensors.save_file or model.save_pretrained(..., safe_serialization=True)."
         ) from exc
     if not isinstance(header, dict):
-        raise InputError(f"{path}: the safetensors header is not a JSON object.")
+        raise InputError(
+            f"{path}: the safetensors header is not a JSON object; the file is corrupt. "
+            "Re-export it."
+        )
     metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()
+    ):
+        raise InputError(
+            f"{path}: the safetensors __metadata__ must map strings to strings; the header is "
+            "corrupt. Re-export the file."
+        )
     data_len = size - 8 - n
     for name, info in header.items():
+        if not isinstance(info, dict):
+            raise InputError(
+                f"{path}: tensor {name!r} has no dtype/shape/data_offsets record in the header; "
+                "the file is corrupt. Re-export it."
+            )
         dtype, shape = info.get("dtype"), info.get("shape")
-        if dtype not in DTYPES:
+        if not isinstance(dtype, str) or dtype not in DTYPES:
             raise InputError(
                 f"{path}: tensor {name!r} has dtype {dtype!r}, which lplr-dask does not know "
                 f"(known: {', '.join(DTYPES)}). Convert it to float32, float16 or bfloat16 first."
             )
-        begin, end = info.get("data_offsets", (None, None))
-        if not isinstance(shape, list) or any(not isinstance(s, int) or s < 0 for s in shape):
+        offsets = info.get("data_offsets")
+        if not isinstance(shape, list) or any(not _is_int(s) or s < 0 for s in shape):
             raise InputError(f"{path}: tensor {name!r} has an invalid shape {shape!r}.")
         want = math.prod(shape) * DTYPES[dtype][0]
-        if not (isinstance(begin, int) and isinstance(end, int) and 0 <= begin <= end):
-            raise InputError(f"{path}: tensor {name!r} has invalid data_offsets.")
+        if not (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(_is_int(o) for o in offsets)
+            and 0 <= offsets[0] <= offsets[1]
+        ):
+            raise InputError(
+                f"{path}: tensor {name!r} has invalid data_offsets {offsets!r}; the header is "
+                "corrupt. Re-export the file."
+            )
+        begin, end = offsets
         if end - begin != want:
             raise InputError(
                 f"{path}: tensor {name!r} has shape {shape} ({dtype}, {want} bytes) but its data "
@@ -167,7 +217,26 @@ def _read_header(path: Path) -> _Header:
                 f"{path}: tensor {name!r} ends at byte {end} of a {data_len}-byte data buffer: "
                 "the file is truncated. Copy or download it again."
             )
+    at = 0
+    for name, info in sorted(header.items(), key=lambda kv: tuple(kv[1]["data_offsets"])):
+        begin, end = info["data_offsets"]
+        if begin != at:
+            raise InputError(
+                f"{path}: tensor {name!r} starts at byte {begin} of the data buffer, but the "
+                f"tensors before it end at byte {at}: the data holds a gap or an overlap and the "
+                "file is corrupt. Re-export it."
+            )
+        at = end
+    if at != data_len:
+        raise InputError(
+            f"{path}: the tensors end at byte {at} of a {data_len}-byte data buffer; the file "
+            "holds trailing bytes and is corrupt. Re-export it."
+        )
     return _Header(path, 8 + n, header, metadata)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _write_safetensors(path: Path, items: Sequence[tuple], metadata: Mapping | None = None):
@@ -270,14 +339,37 @@ def _scan_source(src) -> dict:
     index_metadata: dict = {}
     if index_path.is_file():
         try:
-            index = json.loads(index_path.read_text())
+            index = json.loads(index_path.read_text(encoding="utf-8"))
             weight_map = dict(index["weight_map"])
-        except (OSError, ValueError, KeyError, TypeError) as exc:
+            index_metadata = dict(index.get("metadata") or {})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
             raise InputError(
                 f"{index_path} is not a valid safetensors index (it needs a 'weight_map' of "
-                f"tensor name → shard file): {exc}"
+                f"tensor name → shard file, and an optional 'metadata' object): {exc}"
             ) from exc
-        index_metadata = dict(index.get("metadata") or {})
+        for name, shard in weight_map.items():
+            if not isinstance(shard, str):
+                raise InputError(
+                    f"{index_path}: weight_map[{name!r}] is {shard!r}, not a shard file name. "
+                    "Fix the index."
+                )
+            _check_shard_name(
+                shard,
+                where=f"{index_path}: weight_map[{name!r}]",
+                fix="Fix the index: shards are files beside it, named by their file name only.",
+            )
+        total = index_metadata.get("total_size")
+        if total is not None:
+            try:
+                ok = not isinstance(total, bool) and int(total) == float(total)
+            except (TypeError, ValueError, OverflowError):
+                ok = False
+            if not ok:
+                raise InputError(
+                    f"{index_path}: metadata.total_size is {total!r}, not an integer number of "
+                    "bytes. Fix the index."
+                )
+            total = int(total)
         shards = sorted(set(weight_map.values()))
         missing = [s for s in shards if not (root / s).is_file()]
         if missing:
@@ -325,13 +417,12 @@ def _scan_source(src) -> dict:
                 f"{HF_INDEX} lists tensor {n!r} in {weight_map[n]}, but {where} "
                 f"({len(wrong)} such tensor(s)). Fix the index or restore the missing shard."
             )
-        total = index_metadata.get("total_size")
         actual = sum(
             math.prod(i["shape"]) * DTYPES[i["dtype"]][0]
             for h in headers.values()
             for i in h.tensors.values()
         )
-        if total is not None and int(total) != actual:
+        if total is not None and total != actual:
             raise InputError(
                 f"{HF_INDEX} says total_size={total} bytes but the shards' headers add up to "
                 f"{actual}: the index does not describe these shards (shapes or dtypes "
@@ -348,6 +439,8 @@ def _scan_source(src) -> dict:
             continue
         if _is_pickle(p):
             continue  # stale pickled weights are not carried over
+        if str(rel) == RESTORED_MARKER:
+            continue  # the marker of an earlier restore describes that restore, not the model
         extra.append(str(rel))
     return {
         "dir": root.resolve(),
@@ -574,8 +667,8 @@ def plan_checkpoint(
 
 def _safe_name(name: str) -> str:
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", name)
-    if safe != name or safe.startswith("."):
-        safe = f"{safe.lstrip('.')}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
+    if safe != name or safe.startswith(".") or not safe or len(safe) > 200:
+        safe = f"{safe.lstrip('.')[:200]}-{hashlib.sha1(name.encode()).hexdigest()[:8]}"
     return safe
 
 
@@ -589,7 +682,19 @@ def _compute_dtype(dtype: str):
 
 def _stage(entry: TensorEntry, tdir: Path, *, threshold: int):
     """The tensor as a NumPy array (small) or a tiled Zarr array staged slab by slab (large),
-    with its squared Frobenius norm (float64)."""
+    with its squared Frobenius norm (float64). Every chunk of the staged array is written."""
+    from safetensors import SafetensorError
+
+    try:
+        return _stage_tensor(entry, tdir, threshold=threshold)
+    except (SafetensorError, FileNotFoundError) as exc:
+        raise InputError(
+            f"{entry.file}: tensor {entry.name!r} cannot be read ({exc}); the file was changed, "
+            "removed or damaged after the plan read its header. Copy it again and rerun."
+        ) from exc
+
+
+def _stage_tensor(entry: TensorEntry, tdir: Path, *, threshold: int):
     from safetensors import safe_open
 
     n, d = entry.shape
@@ -607,7 +712,12 @@ def _stage(entry: TensorEntry, tdir: Path, *, threshold: int):
         if path.exists():
             shutil.rmtree(path)
         z = zarr.create_array(
-            str(path), shape=(n, d), chunks=(min(rows, n), min(d, 4096)), dtype=dt, fill_value=0
+            str(path),
+            shape=(n, d),
+            chunks=(min(rows, n), min(d, 4096)),
+            dtype=dt,
+            fill_value=0,
+            config={"write_empty_chunks": True},  # an all-zero slab is a chunk, not a hole
         )
         norm2 = 0.0
         for r0 in range(0, n, rows):
@@ -618,8 +728,16 @@ def _stage(entry: TensorEntry, tdir: Path, *, threshold: int):
 
 
 def _read_curve(tdir: Path) -> dict:
+    """The measurements kept in a work directory; a damaged or foreign ``curve.json`` counts
+    as none (the candidates are measured again)."""
     p = tdir / "curve.json"
-    return json.loads(p.read_text()) if p.is_file() else {"points": {}}
+    try:
+        curve = json.loads(p.read_bytes().decode("utf-8")) if p.is_file() else None
+    except (OSError, ValueError):
+        curve = None
+    if not isinstance(curve, dict) or not isinstance(curve.get("points"), dict):
+        return {"points": {}}
+    return curve
 
 
 def _fingerprint(entry: TensorEntry) -> str:
@@ -830,8 +948,10 @@ def finalize_checkpoint(
     """Choose each tensor's configuration, write DST and publish it.
 
     For ``auto`` the measured curves are allocated by :func:`lplr_dask.checkpoint_policy.allocate`
-    under ``plan.budget``; for a single method each tensor takes its one candidate. Everything
-    is written into a temporary sibling of ``dst`` that is renamed into place when complete.
+    under ``plan.budget``; for a single method each tensor takes its one candidate. Each chosen
+    group is verified chunk by chunk (:func:`lplr_dask.reader.verify_compressed`) before it is
+    copied; the index records the sha256 of every file written and of itself. Everything is
+    written into a temporary sibling of ``dst`` that is renamed into place when complete.
 
     Parameters
     ----------
@@ -848,6 +968,8 @@ def finalize_checkpoint(
     -------
     CheckpointResult
     """
+    from .reader import verify_compressed
+
     t0 = time.perf_counter()
     if not isinstance(plan, CheckpointPlan):
         plan = CheckpointPlan.from_dict(plan)
@@ -889,6 +1011,13 @@ def finalize_checkpoint(
                         f"work_dir {work_dir} lists {key} for {e.name} but its group {measured} "
                         "is missing; delete that tensor's folder and run compress_tensor again."
                     )
+                try:  # never seal a damaged measurement into the checkpoint
+                    verify_compressed(measured)
+                except StorageFormatError as exc:
+                    raise IntegrityError(
+                        f"the measurement of {e.name} in work_dir is damaged ({exc}). Delete "
+                        f"{measured.parent} and rerun; it will be measured again."
+                    ) from exc
                 shutil.copytree(measured, tmp / group)
                 row.update(
                     storage="compressed",
@@ -927,9 +1056,11 @@ def finalize_checkpoint(
             rows.append(row)
         if passthrough:
             _write_safetensors(tmp / PASSTHROUGH_FILE, passthrough)
-        for rel in plan.extra_files:
+        for i, rel in enumerate(plan.extra_files):
+            _check_relative(rel, where=f"plan.extra_files[{i}]")
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
+            _inside(tmp, rel, where=f"plan.extra_files[{i}]")
             shutil.copy2(src_dir / rel, target)
         comp = [r for r in rows if r["storage"] == "compressed"]
         c_params = sum(r["numel"] for r in comp)
@@ -962,6 +1093,12 @@ def finalize_checkpoint(
             "summary": {k: v for k, v in result.to_dict().items() if k != "tensors"},
             "tensors": rows,
         }
+        index["checksums"] = _checksums(
+            tmp,
+            [PASSTHROUGH_FILE] * bool(passthrough) + list(plan.extra_files),
+            [r["group"] for r in comp],
+        )
+        index["index_sha256"] = _canonical_sha256(index)
         (tmp / INDEX_NAME).write_text(json.dumps(index, indent=1))
         publish(tmp, out)
     return result
@@ -1040,10 +1177,300 @@ def compress_checkpoint(
         )
 
 
+# ------------------------------------------------------------------ paths and checksums
+
+_SHARD_RE = re.compile(r"[^/\\\x00]+\.safetensors")
+_GROUP_RE = re.compile(r"tensors/[A-Za-z0-9_-][A-Za-z0-9._-]*\.zarr")
+_SHA_RE = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_shard_name(value, *, where: str, fix: str = "") -> str:
+    """A shard name is a plain file name ending ``.safetensors``: no folder, no ``..``."""
+    if (
+        not isinstance(value, str)
+        or not _SHARD_RE.fullmatch(value)
+        or value.startswith(".")
+        or "\x00" in value
+    ):
+        raise UnsafePathError(
+            f"{where} is {value!r}, which is not a plain shard file name (NAME.safetensors, no "
+            "folder, no '..', not hidden): it could read or write outside its folder. "
+            + (fix or "The index was edited or crafted; restore it from a backup or recompress.")
+        )
+    return value
+
+
+def _check_relative(value, *, where: str) -> str:
+    """A relative path of plain components: not absolute, no ``..``, ``.``, empty component,
+    backslash or NUL. Raises :class:`UnsafePathError` naming ``where`` and the value."""
+    bad = not isinstance(value, str) or not value
+    if not bad:
+        parts = value.split("/")
+        bad = (
+            value.startswith("/")
+            or "\\" in value
+            or "\x00" in value
+            or re.match(r"^[A-Za-z]:", value) is not None
+            or any(p in ("", ".", "..") for p in parts)
+        )
+    if bad:
+        raise UnsafePathError(
+            f"{where} is {value!r}, which is not a plain relative path (it is absolute, empty, "
+            "or holds '..', '.', a backslash or NUL) and could lead outside its folder. The "
+            "index was edited or crafted; restore it from a backup or recompress."
+        )
+    return value
+
+
+def _inside(base: Path, rel: str, *, where: str) -> Path:
+    """``base / rel`` after resolving symbolic links, refused unless it stays inside ``base``."""
+    root = base.resolve()
+    path = (base / rel).resolve()
+    if path != root and root not in path.parents:
+        raise UnsafePathError(
+            f"{where} is {rel!r}, and {base / rel} leads to {path}, outside {root} (through a "
+            "symbolic link). lplr-dask never writes links there; remove the link and restore "
+            "the real file from a backup, or recompress."
+        )
+    return base / rel
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(SLAB_BYTES):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _canonical_sha256(index: Mapping) -> str:
+    """The sha256 of the index's canonical JSON (sorted keys, no spaces), ``index_sha256``
+    left out."""
+    body = {k: v for k, v in index.items() if k != "index_sha256"}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _group_files(root: Path, group: str, *, where: str) -> list[str]:
+    """Every file under a compressed group, relative to it, sorted; links are refused."""
+    gdir = _inside(root, group, where=where)
+    if gdir.is_symlink() or not gdir.is_dir():
+        raise IntegrityError(
+            f"{root / group} ({where}) is missing, not a folder, or a link: the checkpoint "
+            "was changed after it was written. Restore it from a backup or recompress."
+        )
+    found = []
+    for dirpath, dirnames, filenames in os.walk(gdir):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            if p.is_symlink():
+                _inside(root, str(p.relative_to(root)), where=where)
+                raise IntegrityError(
+                    f"{p} ({where}) is a symbolic link; lplr-dask never writes links in a "
+                    "compressed group. Replace it with the real file from a backup, or recompress."
+                )
+        found += [str((Path(dirpath) / f).relative_to(gdir)) for f in filenames]
+    return sorted(found)
+
+
+def _checksums(root: Path, files: Sequence[str], groups: Sequence[str]) -> dict:
+    """sha256 of every listed file and of every file of every group, as stored in the index."""
+    return {
+        "files": {rel: _file_sha256(root / rel) for rel in files},
+        "groups": {
+            g: {f: _file_sha256(root / g / f) for f in _group_files(root, g, where=g)}
+            for g in groups
+        },
+    }
+
+
+def _changed(path, what: str) -> IntegrityError:
+    return IntegrityError(
+        f"{path} {what}: it was changed after it was written. Restore it from a backup or "
+        "recompress the checkpoint."
+    )
+
+
+def _index_error(p: Path, what: str) -> StorageFormatError:
+    return StorageFormatError(
+        f"{p} is not a valid lplr-dask checkpoint index: {what}. It was edited or written by "
+        "something else; restore it from a backup or recompress."
+    )
+
+
+def _validate_index(index: Mapping, p: Path) -> None:
+    """Types, names and paths of a parsed index (everything restore relies on)."""
+    kinds = {
+        "tensors": list,
+        "files": list,
+        "sharded": bool,
+        "index_metadata": dict,
+        "shard_metadata": dict,
+        "summary": dict,
+        "plan": dict,
+    }
+    for key, kind in kinds.items():
+        if not isinstance(index.get(key), kind):
+            got = repr(index.get(key))[:60]
+            raise _index_error(p, f"{key!r} must be a JSON {kind.__name__}, not {got}")
+    names, groups, shards = set(), set(), set()
+    for i, t in enumerate(index["tensors"]):
+        where = f"{p.name}: tensors[{i}]"
+        if not isinstance(t, dict) or not isinstance(t.get("name"), str):
+            raise _index_error(p, f"tensors[{i}] is not a tensor record with a name")
+        where = f"{p.name}: tensor {t['name']!r}"
+        if t["name"] in names:
+            raise _index_error(p, f"tensor {t['name']!r} is listed twice")
+        names.add(t["name"])
+        shape, dtype = t.get("shape"), t.get("dtype")
+        if not isinstance(shape, list) or any(not _is_int(s) or s < 0 for s in shape):
+            raise _index_error(p, f"tensor {t['name']!r} has an invalid shape {shape!r}")
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise _index_error(p, f"tensor {t['name']!r} has an unknown dtype {dtype!r}")
+        shards.add(_check_shard_name(t.get("shard"), where=f"{where} shard"))
+        storage = t.get("storage")
+        if storage == "compressed":
+            group = t.get("group")
+            if not isinstance(group, str) or not _GROUP_RE.fullmatch(group):
+                raise UnsafePathError(
+                    f"{where} group is {group!r}, which is not tensors/NAME.zarr (NAME of "
+                    "letters, digits, '.', '_', '-'): it could lead outside the checkpoint. The "
+                    "index was edited or crafted; restore it from a backup or recompress."
+                )
+            if group in groups:
+                raise _index_error(p, f"group {group} is used by two tensors")
+            groups.add(group)
+            if len(shape) != 2:
+                raise _index_error(p, f"compressed tensor {t['name']!r} has shape {shape}, not 2-D")
+        elif storage == "passthrough":
+            if t.get("file") != PASSTHROUGH_FILE:
+                raise UnsafePathError(
+                    f"{where} file is {t.get('file')!r}; passthrough tensors live in "
+                    f"{PASSTHROUGH_FILE} only. The index was edited or crafted; restore it from "
+                    "a backup or recompress."
+                )
+        else:
+            raise _index_error(p, f"tensor {t['name']!r} has storage {storage!r}")
+    for key in _SUMMARY_NUMBERS:
+        if not _is_number(index["summary"].get(key)):
+            raise _index_error(p, f"summary.{key} is {index['summary'].get(key)!r}, not a number")
+    if not isinstance(index["summary"].get("method"), str):
+        raise _index_error(p, "summary.method is not a string")
+    for t in index["tensors"]:
+        if t["storage"] == "compressed":
+            for key in ("bits_per_entry", "rel_fro_error", "error2", "stored_bytes"):
+                if not _is_number(t.get(key)):
+                    raise _index_error(p, f"tensor {t['name']!r}: {key} is not a number")
+    for shard, meta in index["shard_metadata"].items():
+        if meta is not None and not isinstance(meta, dict):
+            raise _index_error(p, f"shard_metadata[{shard!r}] is not an object")
+    reserved = shards | {HF_INDEX, INDEX_NAME}
+    files = index["files"]
+    for i, rel in enumerate(files):
+        _check_relative(rel, where=f"{p.name}: files[{i}]")
+        if rel.split("/")[0] in reserved:
+            raise UnsafePathError(
+                f"{p.name}: files[{i}] is {rel!r}, which would overwrite a restored weight file "
+                "or index. The index was edited or crafted; restore it from a backup or "
+                "recompress."
+            )
+    if len(set(files)) != len(files):
+        raise _index_error(p, "'files' lists a file twice")
+    folders = {"/".join(rel.split("/")[:k]) for rel in files for k in range(1, rel.count("/") + 1)}
+    clash = sorted(set(files) & folders)
+    if clash:
+        raise _index_error(p, f"'files' lists {clash[0]!r} both as a file and as a folder")
+    if index.get("format_version", 0) >= 2:
+        sums = index.get("checksums")
+        want_files = set(files) | (
+            {PASSTHROUGH_FILE}
+            if any(t["storage"] == "passthrough" for t in index["tensors"])
+            else set()
+        )
+        ok = (
+            isinstance(sums, dict)
+            and isinstance(sums.get("files"), dict)
+            and isinstance(sums.get("groups"), dict)
+            and set(sums["files"]) == want_files
+            and set(sums["groups"]) == groups
+            and all(isinstance(v, str) and _SHA_RE.fullmatch(v) for v in sums["files"].values())
+            and all(
+                isinstance(g, dict)
+                and all(isinstance(v, str) and _SHA_RE.fullmatch(v) for v in g.values())
+                for g in sums["groups"].values()
+            )
+        )
+        if not ok:
+            raise _index_error(p, "its 'checksums' do not cover exactly its files and groups")
+        for g, entries in sums["groups"].items():
+            for rel in entries:
+                _check_relative(rel, where=f"{p.name}: checksums of {g}")
+
+
+_SUMMARY_NUMBERS = (
+    "budget",
+    "bits_per_parameter",
+    "overall_bits_per_parameter",
+    "compressed_parameters",
+    "total_parameters",
+    "total_error2",
+    "seconds",
+)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _verify_files(root: Path, index: Mapping) -> None:
+    """Confine every path of the index to ``root`` (links resolved) and, for a checked index,
+    compare every file's sha256 and every group's file list with the recorded ones."""
+    p = root / INDEX_NAME
+    groups = [t["group"] for t in index["tensors"] if t["storage"] == "compressed"]
+    has_pt = any(t["storage"] == "passthrough" for t in index["tensors"])
+    files = [*([PASSTHROUGH_FILE] if has_pt else []), *index["files"]]
+    for rel in files:
+        path = _inside(root, rel, where=f"{p.name}: file")
+        if not path.is_file():
+            raise IntegrityError(
+                f"{path}, listed in {p}, is missing: the compressed checkpoint is incomplete. "
+                "Restore the file from a backup or recompress."
+            )
+    listed = {g: _group_files(root, g, where=f"{p.name}: group") for g in groups}
+    if index["format_version"] < 2:
+        return  # written before checksums: confined, but unchecked
+    sums = index["checksums"]
+    for rel in files:
+        if _file_sha256(root / rel) != sums["files"][rel]:
+            raise _changed(root / rel, "does not match the sha256 recorded in the index")
+    for g in groups:
+        want = sums["groups"][g]
+        missing = sorted(set(want) - set(listed[g]))
+        if missing:
+            raise IntegrityError(
+                f"{root / g / missing[0]} is missing ({len(missing)} file(s) of group {g} "
+                "missing): the compressed checkpoint was changed after it was written. Restore "
+                "it from a backup or recompress the checkpoint."
+            )
+        extra = sorted(set(listed[g]) - set(want))
+        if extra:
+            raise _changed(root / g / extra[0], "was not written by lplr-dask (not in the index)")
+        for rel in listed[g]:
+            if _file_sha256(root / g / rel) != want[rel]:
+                raise _changed(root / g / rel, "does not match the sha256 recorded in the index")
+
+
 # ------------------------------------------------------------------------------- reading
 
 
 def _read_index(dst) -> dict:
+    """Parse, check and confine a checkpoint index; every check runs before any other read.
+
+    Version 2: the index's own sha256, then types, names and paths (confined to DST, links
+    resolved), then the sha256 of the passthrough file, of every copied file and of every file
+    of every compressed group. Version 1 (written before checksums): types, names and paths
+    only; ``index["checked"]`` is then False.
+    """
     root = Path(dst)
     p = root / INDEX_NAME
     if not p.is_file():
@@ -1052,31 +1479,80 @@ def _read_index(dst) -> dict:
             "`lplr checkpoint compress`."
         )
     try:
-        index = json.loads(p.read_text())
-    except (OSError, ValueError) as exc:
+        index = json.loads(p.read_bytes().decode("utf-8"))
+    except OSError as exc:
         raise StorageFormatError(f"{p} cannot be read: {exc}") from exc
-    if index.get("format") != FORMAT_NAME:
+    except ValueError as exc:  # not UTF-8, truncated or not JSON
+        raise IntegrityError(
+            f"{p} is damaged (not valid UTF-8 JSON: {exc}): it was changed after it was "
+            "written. Restore it from a backup or recompress the checkpoint."
+        ) from exc
+    if not isinstance(index, dict) or index.get("format") != FORMAT_NAME:
         raise StorageFormatError(f"{p} is not an lplr-dask checkpoint index.")
-    if index.get("format_version") != FORMAT_VERSION:
+    version = index.get("format_version")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
         raise StorageFormatError(
-            f"{p} has format version {index.get('format_version')}; this lplr-dask reads "
-            f"version {FORMAT_VERSION}. Upgrade lplr-dask or recompress."
+            f"{p} has format version {version!r}; this lplr-dask reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}. Upgrade lplr-dask or recompress."
         )
+    if version >= 2 and index.get("index_sha256") != _canonical_sha256(index):
+        raise _changed(p, "does not match its own recorded sha256 (index_sha256)")
+    _validate_index(index, p)
+    _verify_files(root, index)
+    index["checked"] = version >= 2
     return index
+
+
+def index_is_checked(dst) -> bool:
+    """Whether the checkpoint index at ``dst`` carries checksums (format version 2 or later).
+
+    Cheap (reads the index only, checks nothing): for messages such as "unchecked".
+
+    Parameters
+    ----------
+    dst : str or path
+        A compressed checkpoint directory.
+
+    Returns
+    -------
+    bool
+        False for a version-1 index (written before checksums) or an unreadable one.
+    """
+    try:
+        index = json.loads((Path(dst) / INDEX_NAME).read_bytes().decode("utf-8"))
+    except (OSError, ValueError):
+        return False
+    return isinstance(index, dict) and "index_sha256" in index
 
 
 def checkpoint_info(dst) -> dict:
     """The index of a compressed checkpoint: summary, per-tensor table, files.
 
+    The index, the passthrough file, every copied file and every compressed group's files are
+    checked against their recorded sha256 first (format version 2); paths read from the index
+    are confined to ``dst``.
+
     Returns
     -------
     dict
         ``summary`` (bits per parameter, total error, ...), ``tensors`` (one row per original
-        tensor), ``files`` (copied non-weight files), and the plan's settings.
+        tensor), ``files`` (copied non-weight files), the plan's settings, ``format_version``
+        and ``checked`` (False for a version-1 index, written before checksums).
+
+    Raises
+    ------
+    StorageFormatError
+        Not a checkpoint index, an unknown version, or wrong types in the index.
+    IntegrityError
+        A file or the index itself was changed after it was written, or is missing.
+    UnsafePathError
+        A path in the index leads outside ``dst``.
     """
     index = _read_index(dst)
     return {
         "path": str(Path(dst).resolve()),
+        "format_version": index["format_version"],
+        "checked": index["checked"],
         "summary": index["summary"],
         "plan": index["plan"],
         "files": index["files"],
@@ -1084,13 +1560,12 @@ def checkpoint_info(dst) -> dict:
     }
 
 
-def _reconstruct_writer(group: Path, dtype: str, shape):
-    """A writer that streams the reconstruction of a compressed tensor, row slab by row slab,
-    cast to the source dtype (float32 reconstruction; bfloat16 rounds to nearest even)."""
-    from .reader import open_compressed
+def _reconstruct_writer(cm, dtype: str, shape):
+    """A writer that streams the reconstruction of an opened compressed tensor
+    (:class:`~lplr_dask.reader.CompressedMatrix`), row slab by row slab, cast to the source
+    dtype (float32 reconstruction; bfloat16 rounds to nearest even)."""
 
     def write(fh):
-        cm = open_compressed(group)
         lazy = cm.to_dask(dtype=np.float64 if dtype == "F64" else np.float32)
         n, d = shape
         rows = max(1, SLAB_BYTES // (8 * d))
@@ -1108,8 +1583,16 @@ def restore_checkpoint(dst, out, *, overwrite: bool = False) -> str:
     The source's layout is kept: the same shard files (``model-0000i-of-0000N.safetensors`` and
     ``model.safetensors.index.json``, or one ``model.safetensors``) with the original names,
     shapes, dtypes and file metadata; passthrough tensors are bit-identical, compressed ones
-    are their reconstructions cast to the source dtype. The non-weight files are copied back.
+    are their reconstructions cast to the source dtype. The non-weight files are copied back,
+    and a marker ``lplr_restored.json`` (format ``lplr-dask-restored``, the source DST, the
+    time) records that lplr-dask wrote ``out``, so that ``overwrite=True`` may replace it later.
     Written under a temporary sibling of ``out`` and renamed into place when complete.
+
+    Before anything is written, the index is checked (its own sha256, then the sha256 of
+    every file it lists and of every file of every compressed group; a version-1 index,
+    written before checksums, is read unchecked) and every path read from it is confined to
+    ``dst`` (no absolute path, no ``..``, no link leading out); the compressed groups are
+    read through :mod:`lplr_dask.reader`, which checks them chunk by chunk.
 
     Parameters
     ----------
@@ -1123,23 +1606,56 @@ def restore_checkpoint(dst, out, *, overwrite: bool = False) -> str:
     -------
     str
         The path written.
+
+    Raises
+    ------
+    StorageFormatError
+        ``dst`` is not a compressed checkpoint, or its index has wrong types.
+    IntegrityError
+        A file of ``dst`` or its index was changed after it was written, or is missing.
+    UnsafePathError
+        A path in the index leads outside ``dst`` (or would lead outside ``out``).
     """
+    from .reader import open_compressed
+
     index = _read_index(dst)
     root = Path(dst)
     target = check_output_path(out, overwrite=overwrite, inputs=[root])
     pt_header = None
-    if (root / PASSTHROUGH_FILE).is_file():
-        pt_header = _read_header(root / PASSTHROUGH_FILE)
+    if any(t["storage"] == "passthrough" for t in index["tensors"]):
+        try:
+            pt_header = _read_header(root / PASSTHROUGH_FILE)
+        except InputError as exc:
+            raise IntegrityError(
+                f"{root / PASSTHROUGH_FILE} of the compressed checkpoint is damaged: {exc}"
+            ) from exc
     by_shard: dict[str, list] = {}
     for t in index["tensors"]:
         if t["storage"] == "compressed":
-            writer = _reconstruct_writer(root / t["group"], t["dtype"], t["shape"])
-        else:
-            if pt_header is None or t["name"] not in pt_header.tensors:
-                raise StorageFormatError(
-                    f"{dst}: passthrough tensor {t['name']} is missing from {PASSTHROUGH_FILE}."
+            cm = open_compressed(root / t["group"])
+            if cm.shape != tuple(t["shape"]):
+                raise IntegrityError(
+                    f"{root / t['group']} holds a {cm.shape[0]}×{cm.shape[1]} matrix but "
+                    f"{INDEX_NAME} says tensor {t['name']!r} is {t['shape']}: the group or the "
+                    "index was changed after it was written. Restore it from a backup or "
+                    "recompress."
                 )
-            off = pt_header.tensors[t["name"]]["data_offsets"]
+            writer = _reconstruct_writer(cm, t["dtype"], t["shape"])
+        else:
+            info = pt_header.tensors.get(t["name"])
+            if info is None:
+                raise IntegrityError(
+                    f"{dst}: passthrough tensor {t['name']} is missing from {PASSTHROUGH_FILE}. "
+                    "Restore the file from a backup or recompress."
+                )
+            if info["dtype"] != t["dtype"] or info["shape"] != t["shape"]:
+                raise IntegrityError(
+                    f"{root / PASSTHROUGH_FILE} holds tensor {t['name']!r} as {info['dtype']} "
+                    f"{info['shape']} but {INDEX_NAME} says {t['dtype']} {t['shape']}: the file "
+                    "or the index was changed after it was written. Restore it from a backup or "
+                    "recompress."
+                )
+            off = info["data_offsets"]
             writer = _copy_raw(pt_header.path, pt_header.data_start + off[0], off[1] - off[0])
         by_shard.setdefault(t["shard"], []).append((t["name"], t["dtype"], t["shape"], writer))
     with temporary_output(target) as tmp:
@@ -1152,10 +1668,17 @@ def restore_checkpoint(dst, out, *, overwrite: bool = False) -> str:
                 "weight_map": {t["name"]: t["shard"] for t in index["tensors"]},
             }
             (tmp / HF_INDEX).write_text(json.dumps(hf, indent=2))
-        for rel in index["files"]:
+        for i, rel in enumerate(index["files"]):
             dest = tmp / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
+            _inside(tmp, rel, where=f"{INDEX_NAME}: files[{i}]")
             shutil.copy2(root / rel, dest)
+        marker = {
+            "format": RESTORED_FORMAT,
+            "source": str(root.resolve()),
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+        (tmp / RESTORED_MARKER).write_text(json.dumps(marker, indent=1))
         publish(tmp, target)
     return str(target)
 

@@ -1,4 +1,5 @@
-"""The ``lplr`` command line: compress, info, decompress, error, demo, flow run, checkpoint.
+"""The ``lplr`` command line: compress, info, verify, decompress, error, demo, flow run,
+checkpoint.
 
 A user's mistake (an :class:`~lplr_dask.errors.LPLRError`) prints one paragraph on stderr and
 exits with status 2, without a traceback. ``--json`` prints one JSON object as the last line of
@@ -9,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
+import logging
 import shutil
 import sys
 import tempfile
@@ -19,7 +22,55 @@ from pathlib import Path
 from . import __version__
 from .errors import LPLRError, ParameterError
 
-__all__ = ["main"]
+__all__ = ["main", "os_error_message", "quiet_project_errors", "recover_output"]
+
+
+_OS_ERROR_FIXES = {
+    errno.EACCES: "Check the permissions of the path and of its folder, or choose another path.",
+    errno.EPERM: "Check the permissions of the path and of its folder, or choose another path.",
+    errno.EROFS: "The file system is mounted read-only; choose a path on a writable disk.",
+    errno.ENOSPC: "The disk is full; free some space or write to another disk, then rerun. "
+    "Nothing was published: an existing OUTPUT is unchanged.",
+    errno.EDQUOT: "Your disk quota is used up; free some space or write to another disk, "
+    "then rerun. Nothing was published: an existing OUTPUT is unchanged.",
+    errno.ENOTDIR: "A part of the path is a file, not a folder; check the path.",
+    errno.EISDIR: "The path is a folder where a file was expected; check the path.",
+    errno.ENOENT: "Check the path: the file or folder does not exist (or was removed while "
+    "lplr ran).",
+    errno.EEXIST: "Something already exists there; choose another path.",
+    errno.ENOTEMPTY: "The folder is not empty; choose another path.",
+    errno.ENAMETOOLONG: "Choose a shorter path.",
+    errno.ELOOP: "The path has a loop of symbolic links; check the path.",
+    errno.EXDEV: "Keep OUTPUT on the same file system as its folder's temporary files.",
+    errno.EIO: "The disk reported an input/output error; check the disk (dmesg) and rerun.",
+    errno.EMFILE: "Too many open files; raise the limit (ulimit -n) and rerun.",
+}
+
+
+def os_error_message(exc: OSError) -> str | None:
+    """One paragraph for an :class:`OSError` of the file system (a permission, a full or
+    read-only disk, a path that is not a folder), or None for any other ``OSError``."""
+    fix = _OS_ERROR_FIXES.get(exc.errno)
+    if fix is None:
+        return None
+    what = exc.strerror or errno.errorcode.get(exc.errno, "error")
+    where = exc.filename if exc.filename is not None else "a file"
+    if exc.filename2 is not None:
+        where = f"{where} -> {exc.filename2}"
+    verb = (
+        "cannot write"
+        if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
+        else ("cannot access")
+    )
+    return f"{verb} {where}: {what}. {fix}"
+
+
+def recover_output(path) -> None:
+    """Finish or roll back an interrupted publish of ``path`` (a note on stderr if any)."""
+    from .fs import recover_publish
+
+    for note in recover_publish(path):
+        print(f"lplr: {path}: {note}", file=sys.stderr)
 
 
 def _progress_callback(enabled: bool):
@@ -60,15 +111,51 @@ def _cluster_args(p, *, default="local", help=None, progress=True):
     p.add_argument("--no-progress", dest="progress", action="store_false")
 
 
+class _ProjectErrorLogFilter(logging.Filter):
+    """Drops a worker's "Compute Failed" log record (with its traceback) when the task
+    raised an LPLRError: the error reaches this process and is printed as one paragraph."""
+
+    def filter(self, record):
+        if not isinstance(record.msg, str):
+            return True
+        if record.msg.startswith("Async instruction for") and "CancelledError" in (
+            record.getMessage()
+        ):
+            return False  # the other tasks, cancelled after the error
+        if not record.msg.startswith("Compute Failed"):
+            return True
+        args = record.args if isinstance(record.args, tuple) else ()
+        names = []
+        stack = [LPLRError]
+        while stack:
+            cls = stack.pop()
+            names.append(f"{cls.__name__}(")
+            stack.extend(cls.__subclasses__())
+        return not (len(args) > 3 and str(args[3]).startswith(tuple(names)))
+
+
+def quiet_project_errors() -> None:
+    """Install, in a Dask worker process, the filter that keeps a project error raised in a
+    task (a damaged chunk, a missing input chunk) from being logged there with a traceback."""
+    for name in ("distributed.worker", "distributed.worker.state_machine"):
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _ProjectErrorLogFilter) for f in logger.filters):
+            logger.addFilter(_ProjectErrorLogFilter())
+
+
+@contextlib.contextmanager
 def _client(args):
     from .cluster import dask_client
 
-    return dask_client(
+    with dask_client(
         args.cluster,
         n_workers=args.workers,
         threads_per_worker=args.threads,
         memory_limit=args.memory_limit,
-    )
+    ) as client:
+        with contextlib.suppress(Exception):  # best effort: a worker may refuse client.run
+            client.run(quiet_project_errors)
+        yield client
 
 
 def _show_progress(args) -> bool:
@@ -101,7 +188,7 @@ def cmd_compress(args) -> int:
     from .inputs import open_input
 
     # Fail fast, before a cluster starts, on the commonest mistakes.
-    matrix = open_input(args.input)
+    matrix = open_input(args.input, allow_missing_chunks=args.allow_missing_chunks)
     check_output_path(
         args.output, overwrite=args.overwrite, inputs=[matrix.path] if matrix.path else ()
     )
@@ -126,6 +213,7 @@ def cmd_compress(args) -> int:
             resume=args.resume,
             verify=args.verify,
             on_stage=_progress_callback(_show_progress(args)),
+            allow_missing_chunks=args.allow_missing_chunks,
         )
     record = res.to_dict()
     _emit(args, record, [*_summary_lines(record), f"  written to {res.output}"])
@@ -133,12 +221,20 @@ def cmd_compress(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .reader import open_compressed
+    from .reader import NO_CHECKSUMS_NOTE, open_compressed
     from .storage import bytes_on_disk
 
+    recover_output(args.output)
     cm = open_compressed(args.output)
     meta = dict(cm.meta)
     meta["bytes_on_disk"] = bytes_on_disk(args.output)
+    meta["checksums"] = cm.checked
+    checks = (
+        f"  format version {cm.format_version}: attributes checked; every chunk carries a "
+        "crc32c checksum (`lplr verify` reads them all)"
+        if cm.checked
+        else f"  {NO_CHECKSUMS_NOTE}"
+    )
     lines = [
         *_summary_lines(meta),
         f"  source dtype {meta['source_dtype']}, seed {meta['seed']}, block {meta['block_shape']}",
@@ -150,14 +246,25 @@ def cmd_info(args) -> int:
         ),
         f"  codes and scales on disk: {meta['bytes_on_disk']['arrays']:,} bytes "
         f"(+{meta['bytes_on_disk']['metadata']:,} bytes of metadata)",
+        checks,
     ]
     _emit(args, meta, lines)
+    return 0
+
+
+def cmd_verify(args) -> int:
+    from .reader import verify_compressed
+
+    recover_output(args.output)
+    res = verify_compressed(args.output)
+    _emit(args, res, [res["message"]])
     return 0
 
 
 def cmd_decompress(args) -> int:
     from .reader import decompress
 
+    recover_output(args.output)
     with _client(args):
         t0 = time.perf_counter()
         dest = decompress(args.output, args.dest, overwrite=args.overwrite)
@@ -168,10 +275,11 @@ def cmd_decompress(args) -> int:
 def cmd_error(args) -> int:
     from .reader import open_compressed, relative_error
 
+    recover_output(args.output)
     cm = open_compressed(args.output)
     with _client(args):
         t0 = time.perf_counter()
-        err = relative_error(args.input, cm)
+        err = relative_error(args.input, cm, allow_missing_chunks=args.allow_missing_chunks)
     record = {
         "rel_fro_error": err,
         "reported_rel_fro_error": cm.meta["rel_fro_error"],
@@ -324,7 +432,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         nargs=2,
         metavar=("ROWS", "COLS"),
-        help="canonical block grid of the computation (default 4096 4096)",
+        help="canonical block grid of the computation and chunk shape of the factors "
+        "(default: at most 4096 4096, in nearly equal blocks)",
     )
     p.add_argument("--max-rank", type=int, default=512, help="largest rank --budget considers")
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
@@ -339,6 +448,12 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="check the error by an independent pass over INPUT before publishing",
     )
+    p.add_argument(
+        "--allow-missing-chunks",
+        action="store_true",
+        help="read chunks missing from a Zarr INPUT as its fill value (default: refuse them; "
+        "zarr leaves out all-fill-value chunks unless written with write_empty_chunks)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     _cluster_args(p)
     p.set_defaults(func=cmd_compress)
@@ -347,6 +462,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser(
+        "verify", help="read every chunk of a compressed group: checksums and attributes"
+    )
+    p.add_argument("output")
+    p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
+    p.set_defaults(func=cmd_verify)
 
     p = sub.add_parser("decompress", help="write the reconstruction as a dense Zarr array")
     p.add_argument("output")
@@ -358,6 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("error", help="independent blockwise check of ‖A − LR‖_F / ‖A‖_F")
     p.add_argument("input")
     p.add_argument("output")
+    p.add_argument(
+        "--allow-missing-chunks",
+        action="store_true",
+        help="read chunks missing from a Zarr INPUT as its fill value (as compress did)",
+    )
     p.add_argument("--json", action="store_true")
     _cluster_args(p)
     p.set_defaults(func=cmd_error)
@@ -396,6 +523,12 @@ def main(argv=None) -> int:
         return args.func(args)
     except LPLRError as exc:
         print(f"lplr {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        message = os_error_message(exc)
+        if message is None:  # not a file-system condition: a bug, keep its traceback
+            raise
+        print(f"lplr {args.command}: error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("lplr: interrupted; nothing was published.", file=sys.stderr)

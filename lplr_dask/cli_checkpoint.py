@@ -13,7 +13,7 @@ import sys
 
 from .cli import _client as cli_client
 from .cli import _cluster_args as cli_cluster_args
-from .cli import _emit
+from .cli import _emit, recover_output
 from .errors import ParameterError
 
 __all__ = ["add_parser", "parse_override"]
@@ -118,23 +118,35 @@ def cmd_compress(args) -> int:
 def cmd_restore(args) -> int:
     import time
 
-    from .checkpoint import restore_checkpoint
+    from .checkpoint import index_is_checked, restore_checkpoint
 
+    recover_output(args.dst)
     t0 = time.perf_counter()
     with _scheduler(args):
         out = restore_checkpoint(args.dst, args.out, overwrite=args.overwrite)
     seconds = time.perf_counter() - t0
+    checked = index_is_checked(args.dst)
     _emit(
         args,
-        {"output": out, "seconds": seconds},
-        [f"restored a safetensors checkpoint to {out} in {seconds:.1f} s"],
+        {"output": out, "seconds": seconds, "checked": checked},
+        [
+            f"restored a safetensors checkpoint to {out} in {seconds:.1f} s",
+            *([] if checked else [_UNCHECKED.format(dst=args.dst)]),
+        ],
     )
     return 0
+
+
+_UNCHECKED = (
+    "  note: {dst} was written by an older lplr-dask (checkpoint format version 1) without "
+    "checksums: its files were not checked. Recompress it to get checked storage."
+)
 
 
 def cmd_info(args) -> int:
     from .checkpoint import checkpoint_info, tensor_table
 
+    recover_output(args.dst)
     info = checkpoint_info(args.dst)
     _emit(
         args,
@@ -144,6 +156,9 @@ def cmd_info(args) -> int:
             "",
             *_summary(info["summary"]),
             f"  files copied: {', '.join(info['files']) or 'none'}",
+            "  integrity: every file matches the sha256 recorded in the index"
+            if info["checked"]
+            else _UNCHECKED.format(dst=args.dst),
         ],
     )
     return 0

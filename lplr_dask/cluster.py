@@ -23,7 +23,8 @@ def dask_client(
     n_workers: int | None = None,
     threads_per_worker: int | None = None,
     memory_limit: str | int | None = "auto",
-    dashboard_address: str | None = ":0",
+    dashboard_address: str | None = "127.0.0.1:0",
+    host: str = "127.0.0.1",
 ):
     """A ``distributed.Client`` for ``cluster``, closed (with its cluster) on exit.
 
@@ -39,7 +40,12 @@ def dask_client(
     memory_limit : str or int, default "auto"
         Per-worker memory limit for local clusters (``"1GiB"``, bytes, or ``"auto"``).
     dashboard_address : str, optional
-        Where the Dask dashboard listens (``":0"``: a free port; ``None``: no dashboard).
+        Where the Dask dashboard listens: by default a free port on the loopback interface
+        only (``"127.0.0.1:0"``), so its pages (worker addresses, local folders) are not
+        served to the network; ``":8787"`` listens on every interface, ``None``: no dashboard.
+    host : str, default "127.0.0.1"
+        The interface the scheduler, nannies and workers of a local cluster listen on. Give
+        ``"0.0.0.0"`` or a host name only to let other machines connect.
     """
     from distributed import Client, LocalCluster
 
@@ -51,7 +57,7 @@ def dask_client(
             memory_limit=memory_limit,
             processes=True,
             dashboard_address=dashboard_address,
-            host="127.0.0.1",
+            host=host,
         )
         with lc, Client(lc) as client:
             yield client
@@ -66,7 +72,7 @@ def dask_client(
             ) from exc
         kwargs = {} if memory_limit in (None, "auto") else {"memory_limit": memory_limit}
         with (
-            LocalCUDACluster(dashboard_address=dashboard_address, **kwargs) as lc,
+            LocalCUDACluster(host=host, dashboard_address=dashboard_address, **kwargs) as lc,
             Client(lc) as client,
         ):
             yield client

@@ -133,6 +133,7 @@ class CompressionParams:
     rounding: str = "nearest"
     block_shape: tuple[int, int] | None = None
     max_rank: int = 512
+    allow_missing_chunks: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:

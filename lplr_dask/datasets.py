@@ -68,6 +68,8 @@ def low_rank_plus_noise(
         dtype="float32",
         compressors=None,  # noise does not compress; raw chunks read and write fastest
         overwrite=False,
+        # Every chunk on disk, even one of zeros: inputs with missing chunks are refused.
+        config={"write_empty_chunks": True},
     )
     lazy.to_zarr(arr)
     return arr

@@ -20,6 +20,7 @@ import dask.array as da
 import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
+from distributed.diagnostics.plugin import WorkerPlugin
 from threadpoolctl import threadpool_limits
 
 from ._array import array_namespace, asarray_like, to_numpy
@@ -42,6 +43,20 @@ distributed cluster; may block to display progress. The driver waits for the fut
 # ----------------------------------------------------------------------------- execution
 
 
+class _OneBlasThread(WorkerPlugin):
+    """Limits BLAS to one thread in a worker process, for good, on workers present and
+    joining later: workers started without a nanny (``dask worker --no-nanny``) keep
+    multi-threaded BLAS otherwise."""
+
+    name = "lplr-dask-one-blas-thread"
+
+    def setup(self, worker):
+        threadpool_limits(limits=1, user_api="blas")
+
+
+_CLIENTS_WITH_PLUGIN: set[str] = set()
+
+
 def _client():
     try:
         from distributed import default_client
@@ -49,17 +64,22 @@ def _client():
         client = default_client()
     except (ImportError, ValueError):
         return None
-    return client if client.status == "running" else None
+    if client.status != "running":
+        return None
+    if client.id not in _CLIENTS_WITH_PLUGIN:
+        client.register_plugin(_OneBlasThread(), name=_OneBlasThread.name)
+        _CLIENTS_WITH_PLUGIN.add(client.id)
+    return client
 
 
 @dataclass
 class Stages:
     """Runs stages on the active scheduler and records their wall-clock seconds.
 
-    On a local (threaded or synchronous) scheduler the block kernels run with one BLAS thread,
-    as on distributed workers (whose nannies set ``OPENBLAS_NUM_THREADS=1``): OpenBLAS sums in
-    another order with more threads, and the codes must not depend on where they were computed.
-    Dask's threads give the parallelism.
+    The block kernels run with one BLAS thread: on a local (threaded or synchronous) scheduler
+    for the duration of a stage, on distributed workers for good (a worker plugin; nannies set
+    ``OPENBLAS_NUM_THREADS=1`` anyway). OpenBLAS sums in another order with more threads, and
+    the codes must not depend on where they were computed. Dask's threads give the parallelism.
     """
 
     on_stage: StageCallback | None = None

@@ -1,7 +1,15 @@
-"""Opening and validating the input matrix as a Dask array with canonical blocks."""
+"""Opening and validating the input matrix as a Dask array with canonical blocks.
+
+A Zarr input is checked before anything is computed: every chunk (or shard) of its grid must
+be in the store (Zarr leaves out chunks that hold only the fill value unless written with
+``write_empty_chunks``, and a deleted chunk reads as the fill value too, so a missing chunk is
+refused unless ``allow_missing_chunks=True``), and every chunk that fails to decode raises
+:class:`~lplr_dask.errors.DamagedInputError` naming its key, inside the Dask task that reads it.
+"""
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,13 +17,22 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import zarr
+from dask.base import tokenize
 
-from .errors import InputError, ParameterError
+from .errors import DamagedInputError, InputError, ParameterError
 
-__all__ = ["ACCEPTED_DTYPES", "DEFAULT_BLOCK", "InputMatrix", "canonical_block_shape", "open_input"]
+__all__ = [
+    "ACCEPTED_DTYPES",
+    "DEFAULT_BLOCK",
+    "InputMatrix",
+    "canonical_block_shape",
+    "missing_chunk_keys",
+    "open_input",
+]
 
 ACCEPTED_DTYPES = ("float16", "float32", "float64")
 DEFAULT_BLOCK = 4096
+_SHOW_KEYS = 5  # missing chunk keys named in an error message
 
 
 @dataclass(frozen=True)
@@ -36,19 +53,51 @@ class InputMatrix:
         return self.data.shape
 
 
+def _balanced(total: int, limit: int) -> int:
+    """The block length of ``ceil(total / limit)`` nearly equal blocks."""
+    return -(-total // -(-total // limit))
+
+
 def canonical_block_shape(shape, *, block_shape=None, group_size: int | None = None):
     """The block grid the computation is defined on, independent of the storage tiling.
 
     Results depend on this grid (summation order), never on how the input is chunked on disk
     or on the number of workers: the same seed and block shape give byte-identical codes.
-    The default is 4096 × 4096 (64 MiB of float32), column blocks rounded down to a multiple of
-    ``group_size`` so that groups never straddle two blocks.
+
+    The default cuts the n rows into ``ceil(n / 4096)`` nearly equal blocks of
+    ``ceil(n / ceil(n / 4096))`` rows, and the d columns likewise; with more than one column
+    block the column block is rounded up to a multiple of ``lcm(8, group_size)`` (codes are
+    packed in whole bytes per block, and groups never straddle two blocks), and with one it is
+    d. Balanced blocks keep the padding of edge chunks on disk small (a 6000-row matrix gets
+    two blocks of 3000 rows, not 4096 + 1904 rows stored as 2 × 4096). A given ``block_shape``
+    is kept as given (clipped to the matrix).
+
+    Parameters
+    ----------
+    shape : (int, int)
+        The matrix shape (n, d).
+    block_shape : (int, int), optional
+        Rows and columns of a block; columns a positive multiple of 8 (and of ``group_size``).
+    group_size : int, optional
+        Entries per scale along the rows of R; 0 or None for none.
+
+    Returns
+    -------
+    (int, int)
+        Rows and columns of a block, at most ``shape``.
+
+    Raises
+    ------
+    ParameterError
+        If ``block_shape`` is invalid for the packing or the group size.
     """
-    n, d = shape
+    n, d = (int(v) for v in shape)
     if block_shape is None:
-        br, bc = DEFAULT_BLOCK, DEFAULT_BLOCK
-        if group_size:
-            bc = max(group_size, bc - bc % group_size)
+        br = _balanced(n, DEFAULT_BLOCK)
+        bc = _balanced(d, DEFAULT_BLOCK)
+        if bc < d:
+            step = math.lcm(8, int(group_size)) if group_size else 8
+            bc = -(-bc // step) * step
     else:
         br, bc = (int(v) for v in block_shape)
         if br < 1 or bc < 8 or bc % 8:
@@ -67,15 +116,17 @@ def canonical_block_shape(shape, *, block_shape=None, group_size: int | None = N
 def _open_zarr(path: Path):
     try:
         node = zarr.open(str(path), mode="r")
-    except Exception as exc:  # zarr raises several types for "not a store"
+        if isinstance(node, zarr.Group):
+            arrays = sorted(name for name, _ in node.arrays())
+    except Exception as exc:  # zarr raises several types for "not a store" or bad JSON
         raise InputError(
             f"INPUT {path} is not a readable Zarr v3 array ({type(exc).__name__}: {exc}). "
-            "Give a Zarr array path, a Zarr group containing one array, or a .npy file."
+            "Give a Zarr array path, a Zarr group containing one array, or a .npy file; if "
+            "its zarr.json was damaged, restore it from a copy."
         ) from exc
     if isinstance(node, zarr.Group):
-        arrays = sorted(name for name, _ in node.arrays())
         if len(arrays) == 1:
-            return node[arrays[0]]
+            return _open_zarr(path / arrays[0])
         listing = ", ".join(arrays) if arrays else "none"
         raise InputError(
             f"INPUT {path} is a Zarr group with {len(arrays)} arrays ({listing}); name one, "
@@ -84,14 +135,162 @@ def _open_zarr(path: Path):
     return node
 
 
-def open_input(source, *, block_shape=None, group_size: int | None = None) -> InputMatrix:
+def _stored_block(arr: zarr.Array) -> tuple[int, ...]:
+    """The unit a read decodes at once: the shard shape of a sharded array, else its chunks."""
+    return tuple(arr.shards or arr.chunks)
+
+
+def _local_root(arr: zarr.Array) -> Path | None:
+    """The folder of ``arr`` when it lives in a local directory store, else None."""
+    store = arr.store_path.store
+    root = getattr(store, "root", None)
+    if root is None or not isinstance(store, zarr.storage.LocalStore):
+        return None
+    return Path(root) / arr.store_path.path
+
+
+def _stored_keys(arr: zarr.Array) -> set[str]:
+    """Every key in the store under ``arr``'s folder, relative to it (one listing)."""
+    root = _local_root(arr)
+    if root is not None:
+        found = set()
+        for folder, _dirs, files in os.walk(root):
+            rel = Path(folder).relative_to(root)
+            found.update((rel / f).as_posix() for f in files)
+        return found
+    from zarr.core.sync import sync
+
+    store, prefix = arr.store_path.store, arr.store_path.path
+
+    async def collect():
+        return [k async for k in store.list_prefix(f"{prefix}/" if prefix else "")]
+
+    cut = len(prefix) + 1 if prefix else 0
+    return {k[cut:] for k in sync(collect())}
+
+
+def missing_chunk_keys(arr: zarr.Array) -> list[str]:
+    """Keys of the chunks (shards, for a sharded array) of ``arr``'s grid absent from its
+    store, in grid order: Zarr reads them as the fill value.
+
+    Parameters
+    ----------
+    arr : zarr.Array
+
+    Returns
+    -------
+    list of str
+        Store keys relative to the array (``c/0/1``); empty when every chunk is stored.
+    """
+    grid = [-(-s // b) for s, b in zip(arr.shape, _stored_block(arr), strict=True)]
+    stored = _stored_keys(arr)
+    keys = (arr.metadata.encode_chunk_key(c) for c in np.ndindex(*grid))
+    return [k for k in keys if k not in stored]
+
+
+def _refuse_missing(arr: zarr.Array, missing: list[str], where: str) -> None:
+    total = math.prod(-(-s // b) for s, b in zip(arr.shape, _stored_block(arr), strict=True))
+    shown = ", ".join(missing[:_SHOW_KEYS]) + (", ..." if len(missing) > _SHOW_KEYS else "")
+    raise DamagedInputError(
+        f"INPUT {where} is missing {len(missing)} of its {total} chunks ({shown}): Zarr would "
+        f"read them as the fill value {arr.fill_value}, so the result would silently describe "
+        "another matrix. Restore them, or pass --allow-missing-chunks "
+        f"(allow_missing_chunks=True) to read them as the fill value {arr.fill_value} — zarr "
+        "leaves out chunks that are all fill value unless written with write_empty_chunks."
+    )
+
+
+class _CheckedZarrReader:
+    """Picklable reader of a Zarr array for :func:`dask.array.from_array`, one stored chunk
+    (or shard) per call: a chunk that cannot be read or decoded raises
+    :class:`~lplr_dask.errors.DamagedInputError` naming its key, and, unless
+    ``allow_missing``, so does a chunk of a local store that disappeared after the input was
+    checked.
+    """
+
+    def __init__(self, arr: zarr.Array, where: str, *, allow_missing: bool):
+        self.arr = arr
+        self.where = where
+        self.allow_missing = allow_missing
+        self.block = _stored_block(arr)
+        self.shape = tuple(arr.shape)
+        self.dtype = np.dtype(arr.dtype)
+        self.ndim = len(self.shape)
+        root = _local_root(arr)
+        self.root = str(root) if root is not None else None
+
+    def _key(self, index) -> str | None:
+        try:
+            coords = tuple((s.start or 0) // b for s, b in zip(index, self.block, strict=True))
+        except (TypeError, AttributeError, ValueError):
+            return None
+        return self.arr.metadata.encode_chunk_key(coords)
+
+    def __getitem__(self, index):
+        key = self._key(index)
+        if key is not None and self.root is not None and not self.allow_missing:
+            if not os.path.exists(os.path.join(self.root, key)):
+                raise DamagedInputError(
+                    f"INPUT {self.where}: chunk {key} disappeared after the input was checked "
+                    "(something changed the input during the run). Restore it and rerun, or "
+                    "pass --allow-missing-chunks (allow_missing_chunks=True) to read missing "
+                    "chunks as the fill value."
+                )
+        try:
+            return self.arr[index]
+        except MemoryError:
+            raise
+        except Exception as exc:
+            what = f"chunk {key}" if key is not None else f"the chunks of {index}"
+            if key is not None and self.root is not None:
+                what += f" ({os.path.join(self.root, key)})"
+            raise DamagedInputError(
+                f"INPUT {self.where}: {what} cannot be decoded ({type(exc).__name__}: {exc}). "
+                "The file is damaged (truncated, corrupt or failing its checksum); restore "
+                "it from a copy or rewrite the input."
+            ) from None
+
+
+def _read_zarr(arr: zarr.Array, where: str, *, allow_missing: bool) -> da.Array:
+    reader = _CheckedZarrReader(arr, where, allow_missing=allow_missing)
+    store = arr.store_path.store
+    name = "lplr-input-" + tokenize(
+        str(store), arr.store_path.path, arr.metadata.to_dict(), allow_missing
+    )
+    return da.from_array(
+        reader, chunks=reader.block, name=name, meta=np.empty((0, 0), reader.dtype)
+    )
+
+
+def open_input(
+    source,
+    *,
+    block_shape=None,
+    group_size: int | None = None,
+    allow_missing_chunks: bool = False,
+) -> InputMatrix:
     """Open ``source`` (a path to a Zarr array or group, a ``.npy`` file, a ``zarr.Array``,
     a NumPy or Dask array) and check that it is a 2-D floating-point matrix.
+
+    Parameters
+    ----------
+    source : str, path, zarr.Array, numpy.ndarray or dask.array.Array
+    block_shape : (int, int), optional
+        The canonical block grid (see :func:`canonical_block_shape`).
+    group_size : int, optional
+        The group size of the compression, for the default grid.
+    allow_missing_chunks : bool, default False
+        Read chunks missing from a Zarr store as the array's fill value instead of refusing
+        the input.
 
     Raises
     ------
     InputError
-        Missing path, not Zarr/.npy, not 2-D, or a dtype other than float16/32/64.
+        Missing path, not Zarr/.npy (or a damaged ``zarr.json``), not 2-D, or a dtype other
+        than float16/32/64.
+    DamagedInputError
+        A chunk of a Zarr input is missing (without ``allow_missing_chunks``); raised when the
+        data is computed, a chunk that cannot be decoded.
     """
     path = None
     if isinstance(source, (str, os.PathLike)):
@@ -127,8 +326,13 @@ def open_input(source, *, block_shape=None, group_size: int | None = None) -> In
     if isinstance(arr, da.Array):
         data = arr
     elif isinstance(arr, zarr.Array):
+        where = str(path) if path is not None else str(arr.store_path)
+        if not allow_missing_chunks:
+            missing = missing_chunk_keys(arr)
+            if missing:
+                _refuse_missing(arr, missing, where)
         # Read in the store's own chunks (each stored chunk decoded once), then rechunk.
-        data = da.from_zarr(arr)
+        data = _read_zarr(arr, where, allow_missing=allow_missing_chunks)
     else:
         data = da.from_array(arr, chunks=block)
     compute = np.float64 if dtype == np.float64 else np.float32

@@ -35,8 +35,7 @@ import os
 import shutil
 import socket
 import time
-import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import dask.array as da
@@ -72,8 +71,8 @@ from .engine import (
     sketch_with_norms,
 )
 from .errors import JobBusyError, OutputExistsError, ParameterError, VerificationError
-from .fs import check_output_path, publish, write_json_atomic
-from .inputs import InputMatrix, open_input
+from .fs import check_output_path, owned_sibling, publish, write_json_atomic
+from .inputs import InputMatrix, missing_chunk_keys, open_input
 from .linalg import gram_pinv, top_eigenvectors
 from .random import STREAM_LPLR_SVD_MIX, block_generator
 from .storage import FORMAT_VERSION, bytes_on_disk, create_factor, write_metadata
@@ -166,9 +165,21 @@ class CompressionJob:
     """
 
     def __init__(
-        self, matrix, output, params, *, budget, max_rank, overwrite, resume, verify, on_stage
+        self,
+        matrix,
+        output,
+        params,
+        *,
+        budget,
+        max_rank,
+        overwrite,
+        resume,
+        verify,
+        on_stage,
+        allow_missing_chunks=False,
     ):
         self.matrix = matrix
+        self.allow_missing_chunks = allow_missing_chunks
         self.overwrite = overwrite
         self.output = output
         self.params = params
@@ -187,12 +198,15 @@ class CompressionJob:
             "params": params,
             "budget": budget,
             "max_rank": max_rank if budget is not None else None,
+            "allow_missing_chunks": bool(allow_missing_chunks),
             "lplr_dask": __version__,
             "format_version": FORMAT_VERSION,
         }
         self.key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
-        tag = f"work-{self.key[:16]}" if resume else f"tmp-{uuid.uuid4().hex[:12]}"
-        self.work_dir = output.parent / f".{output.name}.lplr-{tag}"
+        if resume:  # found again by the rerun; never removed by recover_publish
+            self.work_dir = output.parent / f".{output.name}.lplr-work-{self.key[:16]}"
+        else:  # tagged with host and pid: recover_publish removes it once this process is gone
+            self.work_dir = owned_sibling(output, "tmp")
         self.records: dict[str, StageRecord] = {}
         self._cfg: CompressionConfig | None = None
 
@@ -221,6 +235,7 @@ class CompressionJob:
         resume: bool = False,
         verify: bool = False,
         on_stage: StageCallback | None = None,
+        allow_missing_chunks: bool = False,
     ) -> CompressionJob:
         """Validate the input, OUTPUT and parameters (no pass over A) and prepare the job.
 
@@ -232,12 +247,20 @@ class CompressionJob:
         verify : bool, default False
             In the ``verify`` stage, also measure the error by an independent blockwise pass
             over A and the stored codes (one more pass) and require agreement.
+        allow_missing_chunks : bool, default False
+            Read chunks missing from a Zarr INPUT as its fill value instead of refusing it
+            (:class:`~lplr_dask.errors.DamagedInputError`); part of the job key.
         """
         if method not in METHODS:
             raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
         if budget is not None and rank is not None:
             raise ParameterError("Give either rank or budget, not both.")
-        matrix = open_input(source, block_shape=block_shape, group_size=group_size or None)
+        matrix = open_input(
+            source,
+            block_shape=block_shape,
+            group_size=group_size or None,
+            allow_missing_chunks=allow_missing_chunks,
+        )
         out = check_output_path(
             output, overwrite=overwrite, inputs=[matrix.path] if matrix.path else ()
         )
@@ -253,7 +276,7 @@ class CompressionJob:
             rounding=rounding,
         )
         if budget is None:  # fail now, not after a pass over A
-            make_config(shape=matrix.shape, rank=rank, **params)
+            make_config(shape=matrix.shape, rank=rank, block_shape=matrix.block_shape, **params)
         params["rank"] = rank
         return cls(
             matrix,
@@ -265,6 +288,7 @@ class CompressionJob:
             resume=resume,
             verify=verify,
             on_stage=on_stage,
+            allow_missing_chunks=allow_missing_chunks,
         )
 
     @property
@@ -320,7 +344,10 @@ class CompressionJob:
                 self.records[name] = StageRecord(**{**data, "reused": True})
                 done.append(name)
         if "plan" in self.records:
-            self._cfg = CompressionConfig.from_dict(self.records["plan"].values["config"])
+            cfg = CompressionConfig.from_dict(self.records["plan"].values["config"])
+            if cfg.block_shape is None:  # a plan record of an earlier version
+                cfg = replace(cfg, block_shape=tuple(self.matrix.block_shape))
+            self._cfg = cfg
         return done
 
     def close(self, *, failed: bool) -> None:
@@ -395,7 +422,9 @@ class CompressionJob:
         rank = p.pop("rank")
         search = []
         if self.budget is None:
-            cfg = make_config(shape=self.matrix.shape, rank=rank, **p)
+            cfg = make_config(
+                shape=self.matrix.shape, rank=rank, block_shape=self.matrix.block_shape, **p
+            )
         else:
             from .budget import choose_config
 
@@ -511,14 +540,7 @@ class CompressionJob:
                 res2 = r["sketch"]["norm2"]
                 err2 = res2 - 2 * r["project"]["rp"] + r["project"]["rgr"]
         rel = _relative(err2, norm2)
-        expected = cfg.nbytes(self.matrix.shape)
-        on_disk = bytes_on_disk(self.out_tmp)["arrays"]
-        if on_disk < expected:
-            raise VerificationError(
-                f"The codes and ranges written under {self.out_tmp} take {on_disk} bytes, "
-                f"fewer than the {expected} the configuration stores: chunks are missing. "
-                "Rerun the job (with resume, from the failed stage)."
-            )
+        on_disk = _check_stored_bytes(self.out_tmp, cfg.nbytes(self.matrix.shape))
         values = {"rel_fro_error": rel, "bytes_on_disk": on_disk}
         if self.verify:
             from .reader import relative_error
@@ -540,6 +562,17 @@ class CompressionJob:
     def _stage_publish(self) -> dict:
         rel = self.records["verify"].values["rel_fro_error"]
         self.result = self._make_result(rel)
+        if not (self.out_tmp / "zarr.json").is_file():
+            # A run killed inside publish, after its result left the work directory: the
+            # result is OUTPUT now (recover_publish put it there) or it is gone.
+            if _job_key_of(self.output) == self.key:
+                self.close(failed=False)
+                return {"output": str(self.output), "published_by_earlier_run": True}
+            raise VerificationError(
+                f"The work directory {self.work_dir} of this resumed job no longer holds its "
+                f"result (a run was killed while publishing it), and OUTPUT {self.output} is "
+                "not that result. Delete the work directory and rerun the job."
+            )
         write_metadata(self.out_tmp, self._metadata(self.result))
         if self.output.exists() and not self.overwrite:
             raise OutputExistsError(
@@ -598,6 +631,47 @@ class CompressionJob:
             created=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         )
         return meta
+
+
+def _job_key_of(path: Path) -> str | None:
+    """The job key recorded in a published group's metadata, if any."""
+    try:
+        return json.loads((path / "zarr.json").read_text())["attributes"]["lplr_dask"]["job_key"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _missing_chunks(root: Path) -> list[str]:
+    """``FACTOR/ARRAY/KEY`` of every chunk of the arrays under ``root`` absent from disk."""
+    missing = []
+    group = zarr.open_group(str(root), mode="r")
+    for fname, factor in sorted(group.groups()):
+        for aname, arr in sorted(factor.arrays()):
+            missing += [f"{fname}/{aname}/{k}" for k in missing_chunk_keys(arr)]
+    return missing
+
+
+def _check_stored_bytes(root: Path, expected: int) -> int:
+    """The chunk payloads under ``root`` must take exactly the ``expected`` bytes that the
+    bit accounting reports (every chunk written, edge chunks padded, no compressor); returns
+    them."""
+    on_disk = bytes_on_disk(root)["arrays"]
+    if on_disk < expected:
+        missing = _missing_chunks(root)
+        shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+        raise VerificationError(
+            f"The codes and ranges written under {root} take {on_disk} bytes, fewer than the "
+            f"{expected} the configuration stores: {len(missing) or 'some'} chunks are missing"
+            f"{f' ({shown})' if missing else ' or short'}. Rerun the job (with resume, from the "
+            "failed stage)."
+        )
+    if on_disk > expected:
+        raise VerificationError(
+            f"The codes and ranges written under {root} take {on_disk} bytes, more than the "
+            f"{expected} the bit accounting reports: bits_per_entry would understate the "
+            "bytes on disk. Report this as a bug; the result was not published."
+        )
+    return on_disk
 
 
 def _record_dict(rec: StageRecord) -> dict:

@@ -1,26 +1,45 @@
-"""Readers of compressed groups: factors as Dask arrays, lazy reconstruction, matvec, checks."""
+"""Readers of compressed groups: factors as Dask arrays, lazy reconstruction, matvec, checks.
+
+Opening a group checks it (:func:`lplr_dask.storage.check_group`): format, version, the
+checksum of the attributes and a cross-check of the attributes against every array. Every read
+checks that the chunks it touches exist and decode (CRC-32C); damage is an
+:class:`~lplr_dask.errors.IntegrityError` naming the array and the chunk, raised on the worker
+and received by the caller with the same type. :func:`verify_compressed` reads every chunk once.
+"""
 
 from __future__ import annotations
 
 import os
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import dask.array as da
 import numpy as np
-import zarr
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from .fs import check_output_path, publish, temporary_output
+from .errors import InputError, ParameterError
+from .fs import check_output_path, publish, recover_publish, temporary_output
 from .inputs import open_input
-from .quantize import QuantizerSpec
-from .storage import read_factor_block, read_metadata
+from .storage import check_group, create_dense, read_factor_block, verify_array
 
-__all__ = ["CompressedMatrix", "decompress", "open_compressed", "relative_error"]
+__all__ = [
+    "NO_CHECKSUMS_NOTE",
+    "CompressedMatrix",
+    "decompress",
+    "open_compressed",
+    "relative_error",
+    "verify_compressed",
+]
+
+#: What ``lplr info`` and ``lplr verify`` say about a format-1 group.
+NO_CHECKSUMS_NOTE = (
+    "format version 1 has no checksums: damage cannot be detected; recompress to get them"
+)
 
 
 class CompressedMatrix:
-    """A compressed group opened for reading; nothing is loaded until asked.
+    """A compressed group opened for reading, checked; nothing is loaded until asked.
 
     Attributes
     ----------
@@ -28,51 +47,74 @@ class CompressedMatrix:
     meta : dict
         The group's ``lplr_dask`` attributes (shape, method, rank, bits, metrics, ...).
     shape : (int, int)
+    checked : bool
+        True when every chunk carries a checksum and a missing chunk is an error (format
+        version 2); False for format version 1, whose damage cannot be detected.
+    format_version : int
     """
 
     def __init__(self, path):
         self.path = str(path)
-        self.meta = read_metadata(path)
+        recover_publish(self.path)  # a publish of this path killed half-way
+        info = check_group(self.path)
+        self.meta = info["meta"]
+        self.format_version = info["format_version"]
+        self.checked = info["checked"]
+        self._factors = info["factors"]
         self.shape = tuple(self.meta["shape"])
 
     def __repr__(self):
         m = self.meta
         return (
             f"CompressedMatrix({self.path!r}, shape={self.shape}, method={m['method']!r}, "
-            f"rank={m['rank']}, bits_per_entry={m['bits_per_entry']:.4f})"
+            f"rank={m['rank']}, bits_per_entry={m.get('bits_per_entry', float('nan')):.4f})"
         )
 
     def has(self, name: str) -> bool:
-        return name in self.meta["factors"]
+        return name in self._factors
+
+    def arrays(self) -> dict:
+        """The stored arrays, ``{"L/codes": ArrayLayout, ...}``, as checked on open."""
+        return {
+            f"{name}/{part}": lay
+            for name, f in self._factors.items()
+            for part, lay in f["arrays"].items()
+        }
 
     def factor(self, name: str, dtype=np.float32) -> da.Array:
         """Dequantized factor ``"L"`` (n × m), ``"R"`` (m × d) or ``"Q"`` (n × d), lazily,
-        one Dask block per stored chunk."""
+        one Dask block per stored chunk.
+
+        Raises
+        ------
+        ParameterError
+            The group stores no such factor (``nq`` stores only ``Q``; ``lplr`` no ``Q``).
+        """
         if not self.has(name):
-            raise KeyError(f"{self.path} has no factor {name!r} (method {self.meta['method']}).")
+            raise ParameterError(
+                f"{self.path} has no factor {name!r} (method {self.meta['method']} stores "
+                f"{', '.join(sorted(self._factors))}). Use to_dask() for the reconstruction."
+            )
+        f = self._factors[name]
         fpath = os.path.join(self.path, name)
-        group = zarr.open_group(fpath, mode="r")
-        spec = QuantizerSpec.from_dict(group.attrs["quantizer"])
-        shape = tuple(group.attrs["shape"])
-        codes = zarr.open_array(os.path.join(fpath, "codes"), mode="r")
-        crow = codes.chunks[0]
-        ccol = codes.chunks[1] if spec.is_float else codes.chunks[1] * 8 // spec.bits
-        ccol = min(ccol, shape[1])
+        spec, shape = f["spec"], f["shape"]
+        crow, ccol = f["chunks"]
         rows = _chunks(shape[0], crow)
         cols = _chunks(shape[1], ccol)
         name_ = f"lplr-factor-{name}-" + tokenize(
-            fpath, os.path.getmtime(os.path.join(fpath, "zarr.json")), dtype
+            fpath, os.path.getmtime(os.path.join(fpath, "zarr.json")), dtype, self.checked
         )
         r_b, c_b = np.cumsum((0, *rows)), np.cumsum((0, *cols))
         dsk = {
             (name_, i, j): (
-                read_factor_block,
+                _read_block,
                 fpath,
                 spec,
                 shape,
                 slice(int(r_b[i]), int(r_b[i + 1])),
                 slice(int(c_b[j]), int(c_b[j + 1])),
                 dtype,
+                self.checked,
             )
             for i in range(len(rows))
             for j in range(len(cols))
@@ -109,11 +151,19 @@ class CompressedMatrix:
         """``A x ≈ L (R x)`` (+ Q(A) x) for a vector or an d × k block ``x``, never forming A.
 
         Cost: one read of R and of L (and of Q for ``nq`` methods); memory O((n + d)·k).
+
+        Raises
+        ------
+        ParameterError
+            ``x`` is not a vector or matrix with ``d`` rows.
         """
         x = np.asarray(x)
         vec = x.ndim == 1
-        if x.shape[0] != self.shape[1]:
-            raise ValueError(f"x has {x.shape[0]} rows; this matrix has {self.shape[1]} columns.")
+        if x.ndim not in (1, 2) or x.shape[0] != self.shape[1]:
+            raise ParameterError(
+                f"x has shape {x.shape}; this matrix has {self.shape[1]} columns, so x must "
+                f"be a vector of length {self.shape[1]} or a {self.shape[1]} × k block."
+            )
         x2 = x.reshape(self.shape[1], -1)
         out = None
         if self.has("L"):
@@ -125,26 +175,109 @@ class CompressedMatrix:
         return out.ravel() if vec else out
 
 
+def _read_block(fpath, spec, shape, rows, cols, dtype, checked):
+    return read_factor_block(fpath, spec, shape, rows, cols, dtype, require_chunks=checked)
+
+
 def _chunks(total: int, size: int) -> tuple[int, ...]:
     full, rest = divmod(total, size)
     return (size,) * full + ((rest,) if rest else ())
 
 
 def open_compressed(path) -> CompressedMatrix:
-    """Open a compressed group written by :func:`lplr_dask.compress`."""
+    """Open a compressed group written by :func:`lplr_dask.compress`, with every check of
+    :func:`lplr_dask.storage.check_group`.
+
+    Raises
+    ------
+    StorageFormatError
+        Not an lplr-dask result, or an unknown format version.
+    IntegrityError
+        Damaged metadata or attributes that disagree with the arrays.
+    """
     return CompressedMatrix(path)
 
 
-def relative_error(source, compressed, *, block_shape=None) -> float:
+def verify_compressed(path, *, max_workers: int | None = None) -> dict:
+    """Open ``path`` with every check, then read and decode every chunk of every array once.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        A compressed group.
+    max_workers : int, optional
+        Threads reading chunks (default: ``min(8, CPUs)``).
+
+    Returns
+    -------
+    dict
+        ``path``, ``format_version``, ``checked`` (False for format 1: no checksums),
+        ``arrays`` and ``chunks`` (counts), ``bytes`` (decoded payload bytes) and
+        ``message``, the one-line verdict.
+
+    Raises
+    ------
+    IntegrityError
+        The first damaged chunk (missing, failing its checksum, truncated) or metadata.
+    """
+    cm = CompressedMatrix(path)
+    n_chunks = n_bytes = 0
+    workers = max_workers or min(8, os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for label in cm.arrays():
+            c, b = verify_array(os.path.join(cm.path, label), require=cm.checked, executor=pool)
+            n_chunks += c
+            n_bytes += b
+    n_arrays = len(cm.arrays())
+    if cm.checked:
+        verdict = f"{cm.path}: {n_arrays} arrays, {n_chunks} chunks, checksums match"
+    else:
+        verdict = f"{cm.path}: {n_arrays} arrays, {n_chunks} chunks read; {NO_CHECKSUMS_NOTE}"
+    return {
+        "path": cm.path,
+        "format_version": cm.format_version,
+        "checked": cm.checked,
+        "arrays": n_arrays,
+        "chunks": n_chunks,
+        "bytes": n_bytes,
+        "message": verdict,
+    }
+
+
+def relative_error(
+    source, compressed, *, block_shape=None, allow_missing_chunks: bool = False
+) -> float:
     """‖A − Â‖_F / ‖A‖_F by an independent blockwise pass over A and the stored factors.
 
     Unlike the error :func:`~lplr_dask.compress` reports (derived from LᵀA and LᵀL), this
     reconstructs every tile from disk and compares it with A: one pass over A.
+
+    Parameters
+    ----------
+    source : path or array
+        INPUT, as for :func:`lplr_dask.compress`.
+    compressed : path or CompressedMatrix
+    block_shape : (int, int), optional
+        Block grid of the pass (default: the canonical grid).
+    allow_missing_chunks : bool, default False
+        Read chunks missing from a Zarr INPUT as its fill value, as ``compress`` did with it.
+
+    Raises
+    ------
+    InputError
+        INPUT has another shape than the compressed matrix.
+    DamagedInputError
+        A chunk of INPUT is missing (without ``allow_missing_chunks``) or cannot be decoded.
+    IntegrityError
+        A stored chunk is missing or fails its checksum.
     """
     cm = compressed if isinstance(compressed, CompressedMatrix) else CompressedMatrix(compressed)
-    a = open_input(source, block_shape=block_shape).data
+    a = open_input(source, block_shape=block_shape, allow_missing_chunks=allow_missing_chunks).data
     if a.shape != cm.shape:
-        raise ValueError(f"INPUT has shape {a.shape} but the compressed matrix has {cm.shape}.")
+        raise InputError(
+            f"INPUT has shape {a.shape} but the compressed matrix {cm.path} has shape "
+            f"{cm.shape}. Give the INPUT that was compressed into it."
+        )
     ahat = cm.to_dask(dtype=a.dtype).rechunk(a.chunks)
     a64 = a.astype(np.float64)
     num, den = da.compute(((a64 - ahat.astype(np.float64)) ** 2).sum(), (a64 * a64).sum())
@@ -152,13 +285,21 @@ def relative_error(source, compressed, *, block_shape=None) -> float:
 
 
 def decompress(compressed, dest, *, overwrite: bool = False, chunks=None) -> str:
-    """Write the reconstruction as a dense float32 Zarr array at ``dest``, tile by tile."""
+    """Write the reconstruction as a dense float32 Zarr array at ``dest``, tile by tile.
+
+    The array is checksummed, every chunk is written, and its attributes mark it as written by
+    lplr-dask (``format: lplr-dask-dense``, ``source``, ``shape``), so ``overwrite`` may later
+    replace it.
+    """
     cm = compressed if isinstance(compressed, CompressedMatrix) else CompressedMatrix(compressed)
     out = check_output_path(dest, overwrite=overwrite, inputs=[cm.path])
     arr = cm.to_dask()
     if chunks is not None:
         arr = arr.rechunk(chunks)
     with temporary_output(out) as tmp:
-        arr.to_zarr(str(tmp), overwrite=True)
+        target = create_dense(
+            tmp, arr.shape, arr.chunksize, source=Path(cm.path).resolve(), dtype=arr.dtype
+        )
+        da.store(arr, target, lock=False)
         publish(tmp, Path(out))
     return str(out)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +39,29 @@ def group_digest(path) -> dict:
     }
 
 
+def tree_digest(path) -> dict:
+    """Every entry under ``path`` (or ``path`` itself), links not followed: the SHA-256 of a
+    file, ``link:TARGET`` of a symbolic link, ``dir`` of a folder; to assert that nothing a
+    user had was changed."""
+    root = Path(path)
+    if root.is_symlink():
+        return {".": "link:" + os.readlink(root)}
+    if root.is_file():
+        return {".": hashlib.sha256(root.read_bytes()).hexdigest()}
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            rel = str(p.relative_to(root))
+            if p.is_symlink():
+                out[rel] = "link:" + os.readlink(p)
+            elif p.is_file():
+                out[rel] = hashlib.sha256(p.read_bytes()).hexdigest()
+            else:
+                out[rel] = "dir"
+    return dict(sorted(out.items()))
+
+
 @pytest.fixture(scope="session")
 def decaying():
     """1200 × 700 float32, s_i = 0.8^i for i < 40, plus 0.1% noise."""
@@ -60,7 +84,7 @@ def cluster():
         threads_per_worker=1,
         processes=True,
         host="127.0.0.1",
-        dashboard_address=":0",
+        dashboard_address="127.0.0.1:0",
         memory_limit="2GiB",
     ) as lc:
         yield lc

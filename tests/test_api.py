@@ -122,7 +122,7 @@ def test_same_seed_same_codes_for_any_worker_count(tmp_path, decaying, cluster):
             threads_per_worker=1,
             processes=True,
             host="127.0.0.1",
-            dashboard_address=":0",
+            dashboard_address="127.0.0.1:0",
         ) as lc,
         Client(lc),
     ):
@@ -137,8 +137,8 @@ def test_different_seed_different_codes(tmp_path, decaying):
 
 
 def test_codes_on_disk_match_reported_bits(tmp_path):
-    """du of the code and range chunk files equals the bit accounting when chunks divide evenly
-    (Zarr pads edge chunks to the full chunk shape; that padding is not counted)."""
+    """The chunk payloads on disk equal the bit accounting, here with chunks that divide the
+    arrays (edge chunks padded by Zarr are counted too: tests/test_inputs_integrity.py)."""
     a = known_spectrum(1024, 512, 10 * 0.9 ** np.arange(30), noise=1e-2)
     src = write_zarr(tmp_path / "A.zarr", a, (256, 256))
     out = tmp_path / "o.zarr"

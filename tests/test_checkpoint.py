@@ -421,7 +421,7 @@ def test_failure_mid_way_leaves_nothing(tmp_path):
 
 def test_existing_output_refused(tmp_path, sharded):
     (tmp_path / "dst").mkdir()
-    with pytest.raises(OutputExistsError, match="already exists"):
+    with pytest.raises(OutputExistsError, match="exists"):
         compress_checkpoint(sharded, tmp_path / "dst", budget=3.0, method="nq")
     with pytest.raises(StorageFormatError, match="not a compressed checkpoint"):
         restore_checkpoint(tmp_path / "dst", tmp_path / "out")
@@ -515,7 +515,9 @@ def test_minilm_sharded_round_trip(minilm_sharded, minilm_restored):
     for name in passthrough:
         assert after[name][2] == before[name][2], name
     assert rows["embeddings.word_embeddings.weight"]["storage"] == "compressed"
-    assert res.bits_per_parameter == pytest.approx(4.25)
+    # 4-bit codes plus a float32 scale per 128 entries, and the rows that pad edge chunks on
+    # disk (the 30522-row embedding: 8 blocks of 3816 rows, 6 padded), which are counted too.
+    assert res.bits_per_parameter == pytest.approx(4.25, abs=1e-3)
     for f in ("config.json", "tokenizer.json", "modules.json", "1_Pooling/config.json"):
         assert (out / f).read_bytes() == (src / f).read_bytes()
 

@@ -123,3 +123,23 @@ def test_compression_params_are_compress_keywords():
 
     accepted = set(inspect.signature(compress).parameters)
     assert set(CompressionParams(budget=1.0).kwargs()) <= accepted
+
+
+def test_allow_missing_chunks_reaches_compress(tmp_path):
+    cfg = parse_config(
+        {
+            "inputs": "A.zarr",
+            "output_dir": str(tmp_path),
+            "compression": {"budget": 1, "allow_missing_chunks": True},
+        }
+    )
+    assert cfg.compression.kwargs()["allow_missing_chunks"] is True
+    assert CompressionParams(budget=1.0).allow_missing_chunks is False
+    with pytest.raises(ConfigError, match="allow_missing_chunks='yes' must be true or false"):
+        parse_config(
+            {
+                "inputs": "A.zarr",
+                "output_dir": "o",
+                "compression": {"budget": 1, "allow_missing_chunks": "yes"},
+            }
+        )

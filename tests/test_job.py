@@ -142,3 +142,47 @@ def test_stage_order_is_enforced(tmp_path, decaying_zarr):
 def test_nq_jobs_have_no_low_rank_stages(tmp_path, decaying_zarr):
     job = CompressionJob.create(decaying_zarr, tmp_path / "o.zarr", method="nq", bits_matrix=3)
     assert job.stages == ("plan", "quantize-matrix", "verify", "publish")
+
+
+def test_resume_after_a_kill_inside_publish_keeps_the_published_result(tmp_path, decaying_zarr):
+    """Killed after its result became OUTPUT and before the work directory was removed: the
+    rerun must not publish the (now empty) work directory over the good OUTPUT."""
+    out = tmp_path / "out.zarr"
+    job = CompressionJob.create(decaying_zarr, out, resume=True, **KW)
+    job.open()
+    for name in job.stages[:-1]:
+        job.run_stage(name)
+    job.close = lambda failed: None  # the process dies right after the rename
+    job.run_stage("publish")
+    published = group_digest(out)
+    assert _work_dirs(out) and not (job.out_tmp / "zarr.json").exists()
+
+    again = CompressionJob.create(decaying_zarr, out, resume=True, overwrite=True, **KW)
+    res = again.run()
+    assert res.reused_stages == list(again.stages[:-1])
+    assert group_digest(out) == published
+    assert (out / "L" / "codes").is_dir()
+    assert not _work_dirs(out)
+
+
+def test_killed_run_without_resume_leaves_nothing_for_the_next_writer(tmp_path, decaying_zarr):
+    """A work directory without --resume is tagged with host and pid; once that process is
+    dead, the next writer of the same OUTPUT removes it (lplr_dask.fs.recover_publish)."""
+    from lplr_dask.fs import check_output_path
+
+    out = tmp_path / "out.zarr"
+    script = (
+        "import os, sys\n"
+        "from lplr_dask.job import CompressionJob\n"
+        f"job = CompressionJob.create({str(decaying_zarr)!r}, {str(out)!r}, rank=8)\n"
+        "job.open()\n"
+        "for name in job.stages[:3]:\n"
+        "    job.run_stage(name)\n"
+        "os._exit(9)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 9, proc.stderr
+    (left,) = _work_dirs(out)
+    assert (left / "stages" / "sketch.json").is_file()
+    check_output_path(out, overwrite=False)
+    assert not _work_dirs(out) and not out.exists()

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from lplr_dask import StorageFormatError, compress
+from lplr_dask import ParameterError, StorageFormatError, compress
 from lplr_dask.reader import decompress, open_compressed
 
 
@@ -40,7 +40,7 @@ def test_matvec_never_forms_a(compressed, decaying):
     np.testing.assert_allclose(compressed.matvec(x), dense @ x, rtol=1e-4, atol=1e-3)
     xs = rng.standard_normal((700, 3))
     np.testing.assert_allclose(compressed.matvec(xs), dense @ xs, rtol=1e-4, atol=1e-3)
-    with pytest.raises(ValueError, match="700 columns"):
+    with pytest.raises(ParameterError, match="700 columns"):
         compressed.matvec(np.ones(5))
 
 
