@@ -75,7 +75,7 @@ import numpy as np
 import zarr
 
 from lplr_dask import ParameterError, compress
-from lplr_dask.api import make_config
+from lplr_dask.params import make_config
 from lplr_dask.reader import relative_error
 
 BUDGETS = (1.0, 2.0, 4.0)

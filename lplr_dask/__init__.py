@@ -10,9 +10,8 @@ The public API::
     QuantizerSpec                                 # the quantizer of one factor
 """
 
-__version__ = "0.1.0"
-
-from .api import METHODS, CompressionResult, compress
+from ._version import __version__
+from .api import compress
 from .checkpoint import compress_checkpoint, restore_checkpoint
 from .errors import (
     ConfigError,
@@ -24,6 +23,7 @@ from .errors import (
     StorageFormatError,
 )
 from .job import CompressionJob
+from .params import METHODS, CompressionResult
 from .quantize import QuantizerSpec
 
 __all__ = [

@@ -25,13 +25,6 @@ from functools import partial
 import numpy as np
 
 from ._array import to_numpy
-from .api import (
-    LOW_RANK_METHODS,
-    ROTATED_METHODS,
-    CompressionConfig,
-    basis_rotation,
-    make_config,
-)
 from .engine import (
     Stages,
     decode,
@@ -47,6 +40,15 @@ from .engine import (
 from .errors import ParameterError
 from .inputs import InputMatrix
 from .linalg import gram_pinv, top_eigenvectors
+from .methods import (
+    ROTATED_METHODS,
+    basis_rotation,
+    check_finite_input,
+    nq_residual,
+    orthonormalize,
+    times,
+)
+from .params import LOW_RANK_METHODS, CompressionConfig, make_config
 from .quantize import QuantizerSpec, block_range
 
 __all__ = ["choose_config", "max_rank_for"]
@@ -288,13 +290,12 @@ def _estimate_nq_error(
 ):
     """Relative error of Q(A) on the seeded sample of whole column groups (exact for
     group-wise scales, whose groups the sample keeps whole)."""
-    from .api import _nq_residual
 
     a, spec = matrix.data, cfg.matrix
     group = spec.group_size if spec.granularity == "group" else 128
     cols = _sample_columns(a.shape[1], group=group, sample_cols=sample_cols, seed=cfg.seed)
     sub = _column_sample(a, cols, stages=stages, samples=samples)
-    res = sub.map_blocks(_nq_residual, dtype=a.dtype, spec=spec, lo=None, hi=None, seed=cfg.seed)
+    res = sub.map_blocks(nq_residual, dtype=a.dtype, spec=spec, lo=None, hi=None, seed=cfg.seed)
     num, den = stages.compute(
         "search-nq", (res.astype(np.float64) ** 2).sum(), (sub.astype(np.float64) ** 2).sum()
     )
@@ -339,7 +340,6 @@ def _estimate_errors(
     matrix, candidates, make, *, stages, sample_cols, samples, seed, method, n_power_iter
 ):
     """Estimated relative errors of ``candidates`` [(m, B, B′, B_nq)] from one sketch pass."""
-    from .api import _nq_residual, _orthonormalize, _times, check_finite_input
 
     a = matrix.data
     _n, d = a.shape
@@ -358,7 +358,7 @@ def _estimate_errors(
             )
         # Sampled columns are whole groups, so Q acts on the sample as on A (with stochastic
         # rounding the dither differs from the real run's: an estimate, not the same codes).
-        residual = partial(_nq_residual, spec=cfg0.matrix, lo=None, hi=None, seed=seed)
+        residual = partial(nq_residual, spec=cfg0.matrix, lo=None, hi=None, seed=seed)
         a = a.map_blocks(residual, dtype=a.dtype)
         (sub,) = stages.persist("search-sample", orig_sub.map_blocks(residual, dtype=a.dtype))
     s = sketch_matrix(d, k, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
@@ -366,10 +366,10 @@ def _estimate_errors(
     y = ext[:, :k]
     check_finite_input(float(ext[:, -1].sum().compute()), a, matrix.path or "array", stages)
     for _ in range(n_power_iter or 0):
-        q = _orthonormalize(y)
-        (z,) = stages.persist("search-power-iteration", _orthonormalize(left_multiply(a, q).T))
+        q = orthonormalize(y)
+        (z,) = stages.persist("search-power-iteration", orthonormalize(left_multiply(a, q).T))
         (y,) = stages.persist("search-power-iteration", right_multiply(a, z))
-    (basis,) = stages.persist("search-basis", y if method == "paper" else _orthonormalize(y))
+    (basis,) = stages.persist("search-basis", y if method == "paper" else orthonormalize(y))
     given = None
     if method in ("dsvd", "lplr-svd"):
         # Rank-ordered singular vectors of the sketch's projection: prefixes are rank-m SVDs.
@@ -377,13 +377,13 @@ def _estimate_errors(
         u, w = top_eigenvectors(to_numpy(bbt), k)
         if method == "lplr-svd":
             u = u * np.sqrt(np.maximum(w, 0.0))[None, :]
-        (basis,) = stages.persist("search-basis", _times(basis, u))
+        (basis,) = stages.persist("search-basis", times(basis, u))
         if method == "dsvd":
             given = left_multiply(sub, basis)
     if method in ROTATED_METHODS:
         # Each rank has its own rotation: score every (rank, B) basis on its own.
         keys = sorted({(c[0], c[1]) for c in candidates})
-        bases = {key: _times(basis[:, : key[0]], basis_rotation(seed, key[0])) for key in keys}
+        bases = {key: times(basis[:, : key[0]], basis_rotation(seed, key[0])) for key in keys}
     else:
         # Prefixes of one basis: every rank shares the quantized K-column basis of its B.
         keys = sorted({(k, c[1]) for c in candidates})

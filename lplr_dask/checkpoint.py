@@ -743,7 +743,7 @@ def _read_curve(tdir: Path) -> dict:
 def _fingerprint(entry: TensorEntry) -> str:
     """What a measurement depends on besides the candidate: the source file, the seed and the
     engine's version."""
-    from . import __version__
+    from ._version import __version__
 
     st = Path(entry.file).stat()
     return f"{entry.file}:{st.st_size}:{st.st_mtime_ns}:seed={entry.seed}:lplr-dask={__version__}"

@@ -21,8 +21,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .api import METHODS, make_config
 from .errors import ParameterError
+from .params import METHODS, make_config
 
 __all__ = [
     "AUTO",

@@ -9,164 +9,25 @@ stdout; progress bars go to stderr.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import errno
-import json
-import logging
 import shutil
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from . import __version__
+from ._version import __version__
+from .cli_common import (
+    cluster_args,
+    cluster_client,
+    emit,
+    os_error_message,
+    progress_callback,
+    recover_output,
+    show_progress,
+)
 from .errors import LPLRError, ParameterError
 
-__all__ = ["main", "os_error_message", "quiet_project_errors", "recover_output"]
-
-
-_OS_ERROR_FIXES = {
-    errno.EACCES: "Check the permissions of the path and of its folder, or choose another path.",
-    errno.EPERM: "Check the permissions of the path and of its folder, or choose another path.",
-    errno.EROFS: "The file system is mounted read-only; choose a path on a writable disk.",
-    errno.ENOSPC: "The disk is full; free some space or write to another disk, then rerun. "
-    "Nothing was published: an existing OUTPUT is unchanged.",
-    errno.EDQUOT: "Your disk quota is used up; free some space or write to another disk, "
-    "then rerun. Nothing was published: an existing OUTPUT is unchanged.",
-    errno.ENOTDIR: "A part of the path is a file, not a folder; check the path.",
-    errno.EISDIR: "The path is a folder where a file was expected; check the path.",
-    errno.ENOENT: "Check the path: the file or folder does not exist (or was removed while "
-    "lplr ran).",
-    errno.EEXIST: "Something already exists there; choose another path.",
-    errno.ENOTEMPTY: "The folder is not empty; choose another path.",
-    errno.ENAMETOOLONG: "Choose a shorter path.",
-    errno.ELOOP: "The path has a loop of symbolic links; check the path.",
-    errno.EXDEV: "Keep OUTPUT on the same file system as its folder's temporary files.",
-    errno.EIO: "The disk reported an input/output error; check the disk (dmesg) and rerun.",
-    errno.EMFILE: "Too many open files; raise the limit (ulimit -n) and rerun.",
-}
-
-
-def os_error_message(exc: OSError) -> str | None:
-    """One paragraph for an :class:`OSError` of the file system (a permission, a full or
-    read-only disk, a path that is not a folder), or None for any other ``OSError``."""
-    fix = _OS_ERROR_FIXES.get(exc.errno)
-    if fix is None:
-        return None
-    what = exc.strerror or errno.errorcode.get(exc.errno, "error")
-    where = exc.filename if exc.filename is not None else "a file"
-    if exc.filename2 is not None:
-        where = f"{where} -> {exc.filename2}"
-    verb = (
-        "cannot write"
-        if exc.errno in (errno.EROFS, errno.ENOSPC, errno.EDQUOT)
-        else ("cannot access")
-    )
-    return f"{verb} {where}: {what}. {fix}"
-
-
-def recover_output(path) -> None:
-    """Finish or roll back an interrupted publish of ``path`` (a note on stderr if any)."""
-    from .fs import recover_publish
-
-    for note in recover_publish(path):
-        print(f"lplr: {path}: {note}", file=sys.stderr)
-
-
-def _progress_callback(enabled: bool):
-    if not enabled:
-        return None
-
-    def on_stage(stage, futures):
-        from distributed.diagnostics.progressbar import progress
-
-        print(f"{stage}:", file=sys.stderr)
-        with contextlib.redirect_stdout(sys.stderr):
-            progress(futures, notebook=False)
-        print(file=sys.stderr)
-
-    return on_stage
-
-
-def _cluster_args(p, *, default="local", help=None, progress=True):
-    p.add_argument(
-        "--cluster",
-        default=default,
-        help=help
-        or "'local' (a new LocalCluster, default), 'cuda' (LocalCUDACluster; GPU "
-        "extra) or a scheduler ADDRESS such as tcp://127.0.0.1:8786",
-    )
-    p.add_argument("--workers", type=int, default=None, help="local cluster: worker processes")
-    p.add_argument("--threads", type=int, default=None, help="local cluster: threads per worker")
-    p.add_argument("--memory-limit", default="auto", help="local cluster: memory per worker")
-    if not progress:
-        return
-    p.add_argument(
-        "--progress",
-        dest="progress",
-        action="store_true",
-        default=None,
-        help="show progress bars on stderr (default: when stderr is a terminal)",
-    )
-    p.add_argument("--no-progress", dest="progress", action="store_false")
-
-
-class _ProjectErrorLogFilter(logging.Filter):
-    """Drops a worker's "Compute Failed" log record (with its traceback) when the task
-    raised an LPLRError: the error reaches this process and is printed as one paragraph."""
-
-    def filter(self, record):
-        if not isinstance(record.msg, str):
-            return True
-        if record.msg.startswith("Async instruction for") and "CancelledError" in (
-            record.getMessage()
-        ):
-            return False  # the other tasks, cancelled after the error
-        if not record.msg.startswith("Compute Failed"):
-            return True
-        args = record.args if isinstance(record.args, tuple) else ()
-        names = []
-        stack = [LPLRError]
-        while stack:
-            cls = stack.pop()
-            names.append(f"{cls.__name__}(")
-            stack.extend(cls.__subclasses__())
-        return not (len(args) > 3 and str(args[3]).startswith(tuple(names)))
-
-
-def quiet_project_errors() -> None:
-    """Install, in a Dask worker process, the filter that keeps a project error raised in a
-    task (a damaged chunk, a missing input chunk) from being logged there with a traceback."""
-    for name in ("distributed.worker", "distributed.worker.state_machine"):
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _ProjectErrorLogFilter) for f in logger.filters):
-            logger.addFilter(_ProjectErrorLogFilter())
-
-
-@contextlib.contextmanager
-def _client(args):
-    from .cluster import dask_client
-
-    with dask_client(
-        args.cluster,
-        n_workers=args.workers,
-        threads_per_worker=args.threads,
-        memory_limit=args.memory_limit,
-    ) as client:
-        with contextlib.suppress(Exception):  # best effort: a worker may refuse client.run
-            client.run(quiet_project_errors)
-        yield client
-
-
-def _show_progress(args) -> bool:
-    return sys.stderr.isatty() if args.progress is None else args.progress
-
-
-def _emit(args, record: dict, lines: list[str]) -> None:
-    if args.json:
-        print(json.dumps(record, default=float))
-    else:
-        print("\n".join(lines))
+__all__ = ["main"]
 
 
 def _summary_lines(r: dict) -> list[str]:
@@ -192,7 +53,7 @@ def cmd_compress(args) -> int:
     check_output_path(
         args.output, overwrite=args.overwrite, inputs=[matrix.path] if matrix.path else ()
     )
-    with _client(args):
+    with cluster_client(args):
         res = compress(
             args.input,
             args.output,
@@ -212,11 +73,11 @@ def cmd_compress(args) -> int:
             overwrite=args.overwrite,
             resume=args.resume,
             verify=args.verify,
-            on_stage=_progress_callback(_show_progress(args)),
+            on_stage=progress_callback(show_progress(args)),
             allow_missing_chunks=args.allow_missing_chunks,
         )
     record = res.to_dict()
-    _emit(args, record, [*_summary_lines(record), f"  written to {res.output}"])
+    emit(args, record, [*_summary_lines(record), f"  written to {res.output}"])
     return 0
 
 
@@ -248,7 +109,7 @@ def cmd_info(args) -> int:
         f"(+{meta['bytes_on_disk']['metadata']:,} bytes of metadata)",
         checks,
     ]
-    _emit(args, meta, lines)
+    emit(args, meta, lines)
     return 0
 
 
@@ -257,7 +118,7 @@ def cmd_verify(args) -> int:
 
     recover_output(args.output)
     res = verify_compressed(args.output)
-    _emit(args, res, [res["message"]])
+    emit(args, res, [res["message"]])
     return 0
 
 
@@ -265,7 +126,7 @@ def cmd_decompress(args) -> int:
     from .reader import decompress
 
     recover_output(args.output)
-    with _client(args):
+    with cluster_client(args):
         t0 = time.perf_counter()
         dest = decompress(args.output, args.dest, overwrite=args.overwrite)
     print(f"wrote {dest} in {time.perf_counter() - t0:.2f} s")
@@ -277,7 +138,7 @@ def cmd_error(args) -> int:
 
     recover_output(args.output)
     cm = open_compressed(args.output)
-    with _client(args):
+    with cluster_client(args):
         t0 = time.perf_counter()
         err = relative_error(args.input, cm, allow_missing_chunks=args.allow_missing_chunks)
     record = {
@@ -286,7 +147,7 @@ def cmd_error(args) -> int:
         "shape": list(cm.shape),
         "seconds": time.perf_counter() - t0,
     }
-    _emit(
+    emit(
         args,
         record,
         [
@@ -306,7 +167,7 @@ def cmd_demo(args) -> int:
     n, d = args.shape
     rows = []
     try:
-        with _client(args):
+        with cluster_client(args):
             t0 = time.perf_counter()
             src = workdir / "A.zarr"
             if not src.exists():
@@ -337,7 +198,7 @@ def cmd_demo(args) -> int:
                         budget=args.budget,
                         seed=args.seed,
                         overwrite=True,
-                        on_stage=_progress_callback(_show_progress(args)),
+                        on_stage=progress_callback(show_progress(args)),
                     )
                 except ParameterError as exc:  # a budget too small for this method
                     rows.append({"method": method, "infeasible": str(exc)})
@@ -360,7 +221,7 @@ def cmd_demo(args) -> int:
                 f"{r['method']:8} {r['rank'] or '-':>5} {bl:>3} {r['bits_right'] or '-':>3} "
                 f"{r['bits_per_entry']:>11.4f} {r['rel_fro_error']:>11.4f} {r['seconds']:>8.1f}"
             )
-        _emit(args, {"shape": [n, d], "budget": args.budget, "results": rows}, lines)
+        emit(args, {"shape": [n, d], "budget": args.budget, "results": rows}, lines)
     finally:
         if not args.keep and not args.workdir:
             shutil.rmtree(workdir, ignore_errors=True)
@@ -386,7 +247,7 @@ def cmd_flow_run(args) -> int:
     lines = []
     for r in results:
         lines += [*_summary_lines(r), f"  written to {r['output']}"]
-    _emit(args, {"config": args.config, "results": results}, lines)
+    emit(args, {"config": args.config, "results": results}, lines)
     return 0
 
 
@@ -455,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
         "zarr leaves out all-fill-value chunks unless written with write_empty_chunks)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
-    _cluster_args(p)
+    cluster_args(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("info", help="describe a compressed group")
@@ -474,7 +335,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("output")
     p.add_argument("dest")
     p.add_argument("--overwrite", action="store_true")
-    _cluster_args(p)
+    cluster_args(p)
     p.set_defaults(func=cmd_decompress)
 
     p = sub.add_parser("error", help="independent blockwise check of ‖A − LR‖_F / ‖A‖_F")
@@ -486,7 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="read chunks missing from a Zarr INPUT as its fill value (as compress did)",
     )
     p.add_argument("--json", action="store_true")
-    _cluster_args(p)
+    cluster_args(p)
     p.set_defaults(func=cmd_error)
 
     p = sub.add_parser("demo", help="generate a large low-rank-plus-noise matrix and compress it")
@@ -499,7 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", help="keep the data here (default: a temporary directory)")
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", action="store_true")
-    _cluster_args(p)
+    cluster_args(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("flow", help="run Prefect flows (flows extra)")

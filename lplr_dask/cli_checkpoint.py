@@ -11,9 +11,9 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from .cli import _client as cli_client
-from .cli import _cluster_args as cli_cluster_args
-from .cli import _emit, recover_output
+from .cli_common import cluster_args as cli_cluster_args
+from .cli_common import cluster_client as cli_client
+from .cli_common import emit, recover_output
 from .errors import ParameterError
 
 __all__ = ["add_parser", "parse_override"]
@@ -111,7 +111,7 @@ def cmd_compress(args) -> int:
             **kw,
         )
     record = res.to_dict()
-    _emit(args, record, [res.table(), "", *_summary(record), f"  written to {res.output}"])
+    emit(args, record, [res.table(), "", *_summary(record), f"  written to {res.output}"])
     return 0
 
 
@@ -126,7 +126,7 @@ def cmd_restore(args) -> int:
         out = restore_checkpoint(args.dst, args.out, overwrite=args.overwrite)
     seconds = time.perf_counter() - t0
     checked = index_is_checked(args.dst)
-    _emit(
+    emit(
         args,
         {"output": out, "seconds": seconds, "checked": checked},
         [
@@ -148,7 +148,7 @@ def cmd_info(args) -> int:
 
     recover_output(args.dst)
     info = checkpoint_info(args.dst)
-    _emit(
+    emit(
         args,
         info,
         [

@@ -32,8 +32,8 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from .api import DEFAULT_GROUP_SIZE, METHODS
 from .errors import ConfigError
+from .params import DEFAULT_GROUP_SIZE, METHODS
 
 __all__ = [
     "ClusterConfig",

@@ -43,22 +43,8 @@ import numpy as np
 import zarr
 from dask.base import tokenize
 
-from . import __version__
 from ._array import to_numpy
-from .api import (
-    DEFAULT_GROUP_SIZE,
-    METHODS,
-    ROTATED_METHODS,
-    CompressionConfig,
-    CompressionResult,
-    _nq_residual,
-    _orthonormalize,
-    _quantize_matrix,
-    _times,
-    basis_rotation,
-    check_finite_input,
-    make_config,
-)
+from ._version import __version__
 from .engine import (
     StageCallback,
     Stages,
@@ -74,6 +60,22 @@ from .errors import JobBusyError, OutputExistsError, ParameterError, Verificatio
 from .fs import check_output_path, owned_sibling, publish, write_json_atomic
 from .inputs import InputMatrix, missing_chunk_keys, open_input
 from .linalg import gram_pinv, top_eigenvectors
+from .methods import (
+    ROTATED_METHODS,
+    basis_rotation,
+    check_finite_input,
+    nq_residual,
+    orthonormalize,
+    quantize_matrix,
+    times,
+)
+from .params import (
+    DEFAULT_GROUP_SIZE,
+    METHODS,
+    CompressionConfig,
+    CompressionResult,
+    make_config,
+)
 from .random import STREAM_LPLR_SVD_MIX, block_generator
 from .storage import FORMAT_VERSION, bytes_on_disk, create_factor, write_metadata
 
@@ -150,7 +152,7 @@ class CompressionJob:
 
     Create it with :meth:`create` (validates everything that can be checked without reading
     A), then call :meth:`run_stage` for each name in :attr:`stages`, or :meth:`run` for all.
-    ``result`` holds the :class:`~lplr_dask.api.CompressionResult` once ``publish`` is done.
+    ``result`` holds the :class:`~lplr_dask.params.CompressionResult` once ``publish`` is done.
 
     Attributes
     ----------
@@ -414,7 +416,7 @@ class CompressionJob:
         lo = np.load(self.work_dir / "matrix-lo.npy") if v["ranges"] else None
         hi = np.load(self.work_dir / "matrix-hi.npy") if v["ranges"] else None
         return a.map_blocks(
-            _nq_residual, dtype=a.dtype, spec=cfg.matrix, lo=lo, hi=hi, seed=cfg.seed
+            nq_residual, dtype=a.dtype, spec=cfg.matrix, lo=lo, hi=hi, seed=cfg.seed
         )
 
     def _stage_plan(self) -> dict:
@@ -438,7 +440,7 @@ class CompressionJob:
     def _stage_quantize_matrix(self) -> dict:
         cfg = self.config
         source = self.matrix.path or "array"
-        norm2, err2, lo, hi = _quantize_matrix(
+        norm2, err2, lo, hi = quantize_matrix(
             self.matrix.data, cfg.matrix, self.out_tmp, self.engine, cfg.seed, source
         )
         if lo is not None:
@@ -459,8 +461,8 @@ class CompressionJob:
         y, norm2 = ext[:, :k], float(ext[:, -1].sum().compute())
         check_finite_input(norm2, a, self.matrix.path or "array", stages)
         for _ in range(cfg.n_power_iter):
-            q = _orthonormalize(y)
-            (z,) = stages.persist("power-iteration", _orthonormalize(left_multiply(a, q).T))
+            q = orthonormalize(y)
+            (z,) = stages.persist("power-iteration", orthonormalize(left_multiply(a, q).T))
             (y,) = stages.persist("power-iteration", right_multiply(a, z))
         return {"norm2": norm2, "Y": _store(y, self.work_dir / "Y.zarr", stages, "sketch")}
 
@@ -472,7 +474,7 @@ class CompressionJob:
         if cfg.method == "paper":
             basis = y  # Algorithm 1: L = Q(A·S), no orthonormalization
         else:
-            (q,) = stages.persist("orthonormalize", _orthonormalize(y))
+            (q,) = stages.persist("orthonormalize", orthonormalize(y))
             basis = q
             if cfg.method in ("dsvd", "lplr-svd") or cfg.n_oversamples:
                 # One pass: B = QᵀA (k × d, kept on the workers), B·Bᵀ, top eigenvectors.
@@ -488,9 +490,9 @@ class CompressionJob:
                         (cfg.rank, cfg.rank)
                     ) / np.sqrt(cfg.rank)
                     u = u @ (sig[:, None] * mix)
-                basis = _times(q, u)
+                basis = times(q, u)
         if cfg.method in ROTATED_METHODS:
-            basis = _times(basis, basis_rotation(cfg.seed, cfg.rank))
+            basis = times(basis, basis_rotation(cfg.seed, cfg.rank))
         n = a.shape[0]
         lwriter = create_factor(
             self.out_tmp, "L", (n, cfg.rank), cfg.left, (a.chunksize[0], cfg.rank)

@@ -35,12 +35,12 @@ from lplr_dask.checkpoint import (
 from lplr_dask.config import ClusterConfig
 from lplr_dask.fs import check_output_path, scratch_dir
 
-from .flows import _RETRY
+from .flows import IO_RETRY
 
 __all__ = ["compress_checkpoint_flow"]
 
 
-@task(name="plan-checkpoint", cache_policy=NONE, **_RETRY)
+@task(name="plan-checkpoint", cache_policy=NONE, **IO_RETRY)
 def plan_task(src: str, budget: float, method: str, policy: dict, seed: int, group_size: int):
     plan = plan_checkpoint(
         src,
@@ -81,7 +81,7 @@ def tensor_task(entry: dict, work_dir: str, progress_id, counter: list, total: i
     return {"name": entry["name"], "candidates": len(curve["points"])}
 
 
-@task(name="finalize", cache_policy=NONE, **_RETRY)
+@task(name="finalize", cache_policy=NONE, **IO_RETRY)
 def finalize_task(plan: CheckpointPlan, dst: str, work_dir: str, overwrite: bool, seconds: float):
     return finalize_checkpoint(plan, dst, work_dir=work_dir, overwrite=overwrite, seconds=seconds)
 

@@ -42,7 +42,7 @@ from lplr_dask.config import (
 from lplr_dask.errors import LPLRError
 from lplr_dask.job import STAGES, CompressionJob
 
-__all__ = ["BatchFailed", "compress_matrices", "compress_matrix"]
+__all__ = ["IO_RETRY", "BatchFailed", "compress_matrices", "compress_matrix"]
 
 
 class BatchFailed(RuntimeError):
@@ -55,7 +55,9 @@ def _retry_unless_user_error(task, task_run, state) -> bool:
     return not isinstance(exc, LPLRError)
 
 
-_RETRY = dict(retries=2, retry_delay_seconds=3, retry_condition_fn=_retry_unless_user_error)
+IO_RETRY = dict(retries=2, retry_delay_seconds=3, retry_condition_fn=_retry_unless_user_error)
+"""Task options for I/O (open, publish, generate, plan, finalize): two retries, none for a
+user's mistake."""
 
 
 class _Progress:
@@ -87,7 +89,7 @@ class _Progress:
                 )
 
 
-@task(name="open-and-validate", cache_policy=NONE, **_RETRY)
+@task(name="open-and-validate", cache_policy=NONE, **IO_RETRY)
 def open_job(
     source: str,
     output: str,
@@ -225,7 +227,7 @@ def compress_matrix(
             for stage in STAGES:
                 if stage not in job.stages:  # re-read: the plan decides the low-rank stages
                     continue
-                opts = _RETRY if stage == "publish" else {"retries": 1, "retry_delay_seconds": 3}
+                opts = IO_RETRY if stage == "publish" else {"retries": 1, "retry_delay_seconds": 3}
                 job.current_stage = stage
                 progress.update(f"{stage}: started")
                 stage_rows.append(run_stage.with_options(name=stage, **opts)(job, stage))
@@ -255,7 +257,7 @@ def compress_matrix(
     return result
 
 
-@task(name="generate-inputs", cache_policy=NONE, **_RETRY)
+@task(name="generate-inputs", cache_policy=NONE, **IO_RETRY)
 def generate_inputs(config: FlowConfig) -> list[str]:
     """Write the configured synthetic matrices that are missing (demo configurations)."""
     written = [p for p in map(expand, config.inputs.paths) if config.generate.ensure(p)]

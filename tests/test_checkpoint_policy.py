@@ -7,7 +7,6 @@ import itertools
 import numpy as np
 import pytest
 
-from lplr_dask.api import make_config
 from lplr_dask.checkpoint_policy import (
     TensorPolicy,
     allocate,
@@ -17,6 +16,7 @@ from lplr_dask.checkpoint_policy import (
     nq_bits_for_budget,
 )
 from lplr_dask.errors import ParameterError
+from lplr_dask.params import make_config
 
 
 def test_classify_defaults():

@@ -19,7 +19,7 @@ import pytest
 from conftest import known_spectrum, tree_digest, write_zarr
 
 from lplr_dask import compress
-from lplr_dask.cli import os_error_message
+from lplr_dask.cli_common import os_error_message
 from lplr_dask.errors import ForeignOutputError, OutputExistsError
 from lplr_dask.fs import (
     check_output_path,

@@ -323,8 +323,8 @@ def test_bytes_on_disk_are_the_reported_bytes(tmp_path, shape, method, kw):
 def test_checkpoint_policy_counts_the_honest_bytes():
     """The policy's exact bits are the stored ones: on 4097 × 130, 2-bit group-wise codes
     take 33 bytes per row (130 codes) plus two float32 scales, over 4098 stored rows."""
-    from lplr_dask.api import make_config
     from lplr_dask.checkpoint_policy import nq_bits_for_budget
+    from lplr_dask.params import make_config
 
     shape = (4097, 130)
     cfg = make_config(method="nq", shape=shape, rank=None, bits_matrix=2, group_size=128)

@@ -1,0 +1,139 @@
+"""The bodies of the methods on Dask: the checks, orthonormalization, rotation and direct
+quantization steps that the stages of :mod:`lplr_dask.job` and the budget search share."""
+
+from __future__ import annotations
+
+import dask.array as da
+import numpy as np
+
+from ._array import array_namespace, asarray_like, to_numpy
+from .engine import Stages, decode, encode, global_ranges, tile_sumsq
+from .errors import NonFiniteInputError
+from .quantize import block_range
+from .random import STREAM_BASIS_ROTATION, STREAM_DITHER_MATRIX, block_generator
+from .storage import create_factor
+
+__all__ = [
+    "ROTATED_METHODS",
+    "basis_rotation",
+    "check_finite_input",
+    "nq_residual",
+    "orthonormalize",
+    "quantize_matrix",
+    "times",
+]
+
+# ----------------------------------------------------------------------------- method bodies
+
+
+def _check_finite(sumsq: np.ndarray, a: da.Array, source: str) -> None:
+    bad = np.argwhere(~np.isfinite(sumsq))
+    if bad.size:
+        i, j = (int(v) for v in bad[0])
+        r0, c0 = int(sum(a.chunks[0][:i])), int(sum(a.chunks[1][:j]))
+        r1, c1 = r0 + a.chunks[0][i], c0 + a.chunks[1][j]
+        raise NonFiniteInputError(
+            f"INPUT {source} contains NaN or Inf, first in the tile rows {r0}:{r1}, columns "
+            f"{c0}:{c1} ({len(bad)} of {sumsq.size} tiles affected). Clean or mask those "
+            "values before compressing; nothing was written."
+        )
+
+
+def check_finite_input(norm2: float, a: da.Array, source: str, stages: Stages) -> None:
+    """Raise NonFiniteInputError naming a tile when ‖A‖² is not finite (one extra pass over A,
+    only in that case)."""
+    if not np.isfinite(norm2):
+        (sumsq,) = stages.compute("locate-non-finite", tile_sumsq(a))
+        _check_finite(to_numpy(sumsq), a, source)
+
+
+def orthonormalize(y: da.Array) -> da.Array:
+    rows = max(y.shape[1], max(y.chunks[0]))
+    if min(y.chunks[0][:-1] or (rows,)) < y.shape[1] or y.chunks[0][-1] < y.shape[1]:
+        y = y.rechunk({0: rows})
+    q, _ = da.linalg.tsqr(y.rechunk({1: -1}))
+    return q
+
+
+ROTATED_METHODS = ("lplr", "nq+lplr")
+
+
+def basis_rotation(seed: int, rank: int) -> np.ndarray:
+    """The seeded random orthogonal rank × rank matrix applied to the orthonormal basis.
+
+    Q·H spans the same subspace as Q (the paper's bound is unchanged), but spreads energy
+    evenly over the columns of L and the rows of R, so that per-column and group-wise scales
+    waste fewer levels ("incoherence processing"). On an outlier-heavy 2048 × 1024 matrix at
+    rank 337 and 8/8 bits it lowered the error from 0.0381 to 0.0278.
+    """
+    g = block_generator(seed, STREAM_BASIS_ROTATION).standard_normal((rank, rank))
+    q, r = np.linalg.qr(g)
+    return q * np.sign(np.diag(r))  # Haar-distributed
+
+
+def _matmul_small(block, t):
+    return block @ asarray_like(t, block)
+
+
+def times(x: da.Array, t: np.ndarray) -> da.Array:
+    """x @ t for a row-blocked x and a small dense t (k × r), block by block."""
+    return x.map_blocks(_matmul_small, t, chunks=(x.chunks[0], (t.shape[1],)), dtype=x.dtype)
+
+
+def _nq_block(a, *, spec, lo, hi, seed, writer=None, block_info=None):
+    loc = block_info[0]
+    i, j = loc["chunk-location"]
+    rng = (
+        block_generator(seed, STREAM_DITHER_MATRIX, i, j) if spec.rounding == "stochastic" else None
+    )
+    if spec.is_float or lo is None:
+        lo_b, hi_b = (None, None) if spec.is_float else block_range(a, spec=spec)
+        local = not spec.is_float
+    else:
+        lo_b, hi_b, local = asarray_like(lo, a), asarray_like(hi, a), False
+    codes = encode(a, spec, lo_b, hi_b, rng)
+    ahat = decode(codes, spec, lo_b, hi_b, dtype=a.dtype)
+    if writer is not None:
+        r0, c0 = loc["array-location"][0][0], loc["array-location"][1][0]
+        writer.write(r0, c0, codes, *((lo_b, hi_b) if local else (None, None)))
+    return a, ahat
+
+
+def _nq_write_stats(a, *, spec, lo, hi, seed, writer, block_info=None):
+    a, ahat = _nq_block(a, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, block_info=block_info)
+    # Sums of squares accumulated in float64 without float64 copies of the tile: a 4096²
+    # float32 tile is 64 MiB, and three float64 temporaries of it had workers with a 1 GiB
+    # limit killed.
+    xp = array_namespace(a)
+    diff = a - ahat
+    stats = xp.stack(
+        [
+            xp.einsum("ij,ij->", a, a, dtype=np.float64),
+            xp.einsum("ij,ij->", diff, diff, dtype=np.float64),
+        ]
+    )
+    return to_numpy(stats).reshape(1, 2)
+
+
+def nq_residual(a, *, spec, lo, hi, seed, block_info=None):
+    a, ahat = _nq_block(a, spec=spec, lo=lo, hi=hi, seed=seed, block_info=block_info)
+    return a - ahat
+
+
+def quantize_matrix(a, spec, root, stages, seed, source):
+    """Q(A) for ``nq`` and ``nq+lplr``: write its codes in a pass of its own (one more for
+    per-matrix ranges). Returns ‖A‖², ‖A − Q(A)‖² and the per-matrix (lo, hi) or (None, None);
+    the residual A − Q(A) is ``a.map_blocks(nq_residual, ...)`` with those ranges."""
+    lo = hi = None
+    writer = create_factor(root, "Q", a.shape, spec, a.chunksize)
+    if not spec.is_float and spec.granularity == "tensor":
+        lo, hi = global_ranges(a, spec, stages, "matrix-ranges")
+        check_finite_input(float(hi.sum() - lo.sum()), a, source, stages)
+        writer.write_ranges(lo, hi)
+    kw = dict(spec=spec, lo=lo, hi=hi, seed=seed)
+    chunks = ((1,) * a.numblocks[0], (2,) * a.numblocks[1])
+    stats = a.map_blocks(_nq_write_stats, writer=writer, chunks=chunks, dtype=np.float64, **kw)
+    (s,) = stages.compute("quantize-matrix", stats)
+    s = to_numpy(s).reshape(a.numblocks[0], a.numblocks[1], 2)
+    _check_finite(s[..., 0], a, source)
+    return float(s[..., 0].sum()), float(s[..., 1].sum()), lo, hi
