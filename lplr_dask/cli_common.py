@@ -73,6 +73,7 @@ def recover_output(path) -> None:
 
 
 def progress_callback(enabled: bool):
+    """An ``on_stage`` callback that shows a progress bar per stage on stderr, or None."""
     if not enabled:
         return None
 
@@ -88,6 +89,8 @@ def progress_callback(enabled: bool):
 
 
 def cluster_args(p, *, default="local", help=None, progress=True):
+    """Add ``--cluster``, ``--workers``, ``--threads``, ``--memory-limit`` (and the progress
+    flags) to the subparser ``p``."""
     p.add_argument(
         "--cluster",
         default=default,
@@ -144,6 +147,8 @@ def quiet_project_errors() -> None:
 
 @contextlib.contextmanager
 def cluster_client(args):
+    """The ``distributed.Client`` that the cluster flags of :func:`cluster_args` describe
+    (:func:`lplr_dask.cluster.dask_client`), with :func:`quiet_project_errors` on its workers."""
     from .cluster import dask_client
 
     with dask_client(
@@ -158,10 +163,12 @@ def cluster_client(args):
 
 
 def show_progress(args) -> bool:
+    """``--progress``/``--no-progress``, or whether stderr is a terminal."""
     return sys.stderr.isatty() if args.progress is None else args.progress
 
 
 def emit(args, record: dict, lines: list[str]) -> None:
+    """Print ``record`` as one JSON line with ``--json``, else the human ``lines``."""
     if args.json:
         print(json.dumps(record, default=float))
     else:

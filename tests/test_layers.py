@@ -19,7 +19,7 @@ LAYERS = {
     "kernels": ["_array", "_version", "errors", "packing", "quantize", "random", "linalg"],
     "storage": ["fs", "storage", "inputs", "reader"],
     "core": ["engine", "params", "methods", "budget", "job", "api", "cluster", "datasets"],
-    "checkpoint": ["checkpoint_policy", "checkpoint"],
+    "checkpoint": ["checkpoint_policy", "checkpoint_index", "checkpoint"],
     "cli": ["config", "cli_common", "cli_checkpoint", "cli", "__init__"],
     "pipelines": ["pipelines.flows", "pipelines.checkpoint", "pipelines.__init__"],
 }
