@@ -284,6 +284,7 @@ def test_auto_is_never_worse_than_any_single_method(auto_measured):
     assert {p: p.stat().st_mtime_ns for p in work.rglob("zarr.json")} == stamps
 
 
+@pytest.mark.slow
 def test_auto_is_never_worse_at_2_3_4_bits(tmp_path):
     """The same at 2, 3 and 4 bits, with auto measuring every single method at all three."""
     src = write_checkpoint(tmp_path / "src", auto_tensors(seed=1))
@@ -498,6 +499,7 @@ def minilm_restored(tmp_path_factory, minilm_sharded):
     return res, Path(restore_checkpoint(root / "dst", root / "out"))
 
 
+@pytest.mark.slow
 def test_minilm_sharded_round_trip(minilm_sharded, minilm_restored):
     """The real checkpoint, in 3 shards: names, shapes, dtypes and shard layout identical,
     every passthrough tensor bit-identical, non-weight files copied."""
@@ -522,6 +524,7 @@ def test_minilm_sharded_round_trip(minilm_sharded, minilm_restored):
         assert (out / f).read_bytes() == (src / f).read_bytes()
 
 
+@pytest.mark.slow
 def test_minilm_restored_loads_and_embeds_like_the_original(minilm_sharded, minilm_restored):
     """transformers loads the restored checkpoint offline with no missing or unexpected
     weights, and sentence-transformers' embeddings stay close to the original's."""

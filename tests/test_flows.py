@@ -21,8 +21,10 @@ from conftest import group_digest, known_spectrum, write_zarr
 from services import BIN, DaskProcesses, PrefectServer, spawn, stop
 
 pytest.importorskip("prefect")
-
 from lplr_dask import compress
+
+# Real Prefect servers and Dask processes: minutes in all. `pytest -m "not slow"` skips them.
+pytestmark = pytest.mark.slow
 
 ROOT = Path(__file__).resolve().parents[1]
 # Projection long enough to kill a worker in the middle of it: 64 panels of 4096 × 128.
