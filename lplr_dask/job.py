@@ -56,7 +56,13 @@ from .engine import (
     sketch_matrix,
     sketch_with_norms,
 )
-from .errors import JobBusyError, OutputExistsError, ParameterError, VerificationError
+from .errors import (
+    JobBusyError,
+    LPLRError,
+    OutputExistsError,
+    ParameterError,
+    VerificationError,
+)
 from .fs import check_output_path, owned_sibling, publish, write_json_atomic
 from .inputs import InputMatrix, missing_chunk_keys, open_input
 from .linalg import gram_pinv, top_eigenvectors
@@ -77,7 +83,13 @@ from .params import (
     make_config,
 )
 from .random import STREAM_LPLR_SVD_MIX, block_generator
-from .storage import FORMAT_VERSION, bytes_on_disk, create_factor, write_metadata
+from .storage import (
+    FORMAT_VERSION,
+    bytes_on_disk,
+    create_factor,
+    read_metadata,
+    write_metadata,
+)
 
 __all__ = ["STAGES", "CompressionJob", "JobBusyError", "StageRecord", "VerificationError"]
 
@@ -636,10 +648,10 @@ class CompressionJob:
 
 
 def _job_key_of(path: Path) -> str | None:
-    """The job key recorded in a published group's metadata, if any."""
+    """The job key recorded in a published group's (checked) metadata, if any."""
     try:
-        return json.loads((path / "zarr.json").read_text())["attributes"]["lplr_dask"]["job_key"]
-    except (OSError, ValueError, KeyError, TypeError):
+        return read_metadata(path).get("job_key")
+    except LPLRError:  # absent, foreign or damaged: not this job's result
         return None
 
 
