@@ -5,11 +5,11 @@ One process, one ``distributed.LocalCluster`` (default 2 workers × 1 thread), o
 
     compress lplr     ``lplr_dask.compress(A, method="lplr", rank=128)`` (bits 8/8)
     compress nq       ``lplr_dask.compress(A, method="nq", bits_matrix=4)`` (group-wise ranges)
-    decompress        ``lplr_dask.reader.decompress`` of the lplr output: every factor chunk read
+    decompress        ``storage.reader.decompress`` of the lplr output: every factor chunk read
                       (and, with checksums, CRC-checked) and the dense n × d array written
 
 each timed with the ``crc32c`` codec on every array (the format) and without it
-(``lplr_dask.storage.CHECKSUM_CODECS = False``, a switch for this benchmark only, read where the
+(``storage.format.CHECKSUM_CODECS = False``, a switch for this benchmark only, read where the
 arrays are created and opened: in this driver process; the array metadata carries the codec to
 the workers). After one untimed warm-up compression, the two variants run interleaved (their
 order alternating), ``--repeat`` rounds (default 3), and the table keeps the best (smallest)
@@ -60,9 +60,9 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     from distributed import Client, LocalCluster
 
-    import lplr_dask.storage as storage
+    import lplr_dask.storage.format as storage
     from lplr_dask import compress
-    from lplr_dask.reader import decompress
+    from lplr_dask.storage.reader import decompress
 
     work = Workdir(args.workdir, args.keep)
     block = (args.chunk, args.chunk)

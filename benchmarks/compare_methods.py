@@ -42,7 +42,7 @@ infeasible under the strict rule (1-bit codes plus one scale exceed 1 bit per en
 is also run once with ``bits_matrix=1`` and no budget, and shown as a separate row
 ``nq-tensor@1bit (out of budget)`` with its actual bits per entry. That row never wins.
 
-Every reported error is cross-checked against ``lplr_dask.reader.relative_error`` (an
+Every reported error is cross-checked against ``lplr_dask.storage.reader.relative_error`` (an
 independent reconstruction of every tile from the stored factors); the largest relative
 discrepancy is printed and must stay below 1e-4.
 
@@ -75,8 +75,8 @@ import numpy as np
 import zarr
 
 from lplr_dask import ParameterError, compress
-from lplr_dask.params import make_config
-from lplr_dask.reader import relative_error
+from lplr_dask.core.params import make_config
+from lplr_dask.storage.reader import relative_error
 
 BUDGETS = (1.0, 2.0, 4.0)
 # (label, method, extra keyword arguments of compress)

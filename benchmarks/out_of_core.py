@@ -388,7 +388,7 @@ def generate(args, wd, a_path) -> dict:
 
 def main(argv=None) -> int:
     from lplr_dask import compress
-    from lplr_dask.reader import relative_error  # not re-exported by lplr_dask (0.1.0)
+    from lplr_dask.storage.reader import relative_error  # not re-exported by lplr_dask (0.1.0)
 
     args = parse_args(argv)
     n, d, m = args.n, args.d, args.rank

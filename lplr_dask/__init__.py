@@ -5,15 +5,17 @@ The public API::
     compress(source, output, *, rank=..., budget=..., method="lplr", ...) -> CompressionResult
     CompressionJob.create(source, output, ..., resume=True)   # the same, stage by stage
     compress_checkpoint(src, dst, *, budget, method="auto") / restore_checkpoint(dst, out)
-    lplr_dask.reader.open_compressed(path) -> CompressedMatrix  # L, R, reconstruction, matvec
-    lplr_dask.reader.relative_error(source, path) -> float      # independent blockwise check
+    lplr_dask.storage.reader.open_compressed(path) -> CompressedMatrix  # L, R, matvec
+    lplr_dask.storage.reader.relative_error(source, path) -> float      # independent check
     QuantizerSpec                                 # the quantizer of one factor
 """
 
-from ._version import __version__
-from .api import compress
-from .checkpoint import compress_checkpoint, restore_checkpoint
-from .errors import (
+from lplr_dask._version import __version__
+from lplr_dask.checkpoint.run import compress_checkpoint, restore_checkpoint
+from lplr_dask.core.compress import compress
+from lplr_dask.core.job import CompressionJob
+from lplr_dask.core.params import METHODS, CompressionResult
+from lplr_dask.errors import (
     ConfigError,
     InputError,
     LPLRError,
@@ -22,9 +24,7 @@ from .errors import (
     ParameterError,
     StorageFormatError,
 )
-from .job import CompressionJob
-from .params import METHODS, CompressionResult
-from .quantize import QuantizerSpec
+from lplr_dask.kernels.quantize import QuantizerSpec
 
 __all__ = [
     "METHODS",

@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-from .errors import ParameterError
+from lplr_dask.errors import ParameterError
 
 __all__ = ["dask_client"]
 

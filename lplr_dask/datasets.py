@@ -6,7 +6,7 @@ import dask.array as da
 import numpy as np
 import zarr
 
-from .random import block_generator
+from lplr_dask.kernels.random import block_generator
 
 __all__ = ["low_rank_plus_noise"]
 

@@ -32,8 +32,8 @@ from lplr_dask.checkpoint import (
     plan_checkpoint,
     tensor_rows,
 )
-from lplr_dask.config import ClusterConfig
-from lplr_dask.fs import check_output_path, scratch_dir
+from lplr_dask.storage.fs import check_output_path, scratch_dir
+from pipelines.config import ClusterConfig
 
 from .flows import IO_RETRY
 

@@ -1,7 +1,7 @@
 """Prefect flows that run lplr-dask compressions on a Dask cluster.
 
 ``compress-matrix``
-    One matrix. Its task runs are the stages of :class:`lplr_dask.job.CompressionJob`
+    One matrix. Its task runs are the stages of :class:`lplr_dask.core.job.CompressionJob`
     (open-and-validate, plan, quantize-matrix, sketch, basis, project, verify, publish), so
     the Prefect UI shows each stage's duration; a rerun after a crash resumes from the last
     finished stage (``resume=True``, the default).
@@ -32,15 +32,15 @@ from prefect.artifacts import (
 )
 from prefect.cache_policies import NONE
 
-from lplr_dask.config import (
+from lplr_dask.core.job import STAGES, CompressionJob
+from lplr_dask.errors import LPLRError
+from pipelines.config import (
     ClusterConfig,
     CompressionParams,
     FlowConfig,
     expand,
     load_config,
 )
-from lplr_dask.errors import LPLRError
-from lplr_dask.job import STAGES, CompressionJob
 
 __all__ = ["IO_RETRY", "BatchFailed", "compress_matrices", "compress_matrix"]
 

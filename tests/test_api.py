@@ -17,8 +17,8 @@ from lplr_dask import (
     ParameterError,
     compress,
 )
-from lplr_dask.reader import open_compressed, relative_error
-from lplr_dask.storage import bytes_on_disk
+from lplr_dask.storage.format import bytes_on_disk
+from lplr_dask.storage.reader import open_compressed, relative_error
 
 BLOCK = (256, 128)  # small canonical blocks, so every graph has several blocks each way
 

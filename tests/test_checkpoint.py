@@ -17,7 +17,6 @@ ml_dtypes = pytest.importorskip("ml_dtypes")
 from safetensors import safe_open  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
-from lplr_dask import checkpoint as ck  # noqa: E402
 from lplr_dask.checkpoint import (  # noqa: E402
     CheckpointPlan,
     checkpoint_info,
@@ -28,7 +27,8 @@ from lplr_dask.checkpoint import (  # noqa: E402
     restore_checkpoint,
     shard_checkpoint,
 )
-from lplr_dask.checkpoint_policy import TensorPolicy  # noqa: E402
+from lplr_dask.checkpoint import run as ck  # noqa: E402
+from lplr_dask.checkpoint.policy import TensorPolicy  # noqa: E402
 from lplr_dask.errors import (  # noqa: E402
     InputError,
     NonFiniteInputError,

@@ -26,7 +26,6 @@ pytest.importorskip("ml_dtypes")
 from conftest import tree_digest
 from test_checkpoint import load_all, make_tensors, write_checkpoint
 
-from lplr_dask import checkpoint as ck
 from lplr_dask.checkpoint import (
     checkpoint_info,
     compress_checkpoint,
@@ -34,7 +33,8 @@ from lplr_dask.checkpoint import (
     plan_checkpoint,
     restore_checkpoint,
 )
-from lplr_dask.checkpoint_policy import TensorPolicy
+from lplr_dask.checkpoint import run as ck
+from lplr_dask.checkpoint.policy import TensorPolicy
 from lplr_dask.errors import (
     InputError,
     IntegrityError,
@@ -316,7 +316,7 @@ def test_flipped_L_codes_chunk_fails_restore_through_the_cli(tmp_path, dst):
 
 def test_unchecked_v1_index_damage_is_caught_by_the_reader(tmp_path, dst):
     """An old (version 1) index has no checksums: a flipped L/codes byte must then be caught
-    by lplr_dask.reader's own chunk checks (helper S's checked storage)."""
+    by lplr_dask.storage.reader's own chunk checks (helper S's checked storage)."""
     downgrade_to_v1(dst)
     flip_byte(dst / LPLR_GROUP / "L/codes/c/0/0")
     out = tmp_path / "out"

@@ -7,7 +7,7 @@ import itertools
 import numpy as np
 import pytest
 
-from lplr_dask.checkpoint_policy import (
+from lplr_dask.checkpoint.policy import (
     TensorPolicy,
     allocate,
     candidate_set,
@@ -15,8 +15,8 @@ from lplr_dask.checkpoint_policy import (
     method_candidate,
     nq_bits_for_budget,
 )
+from lplr_dask.core.params import make_config
 from lplr_dask.errors import ParameterError
-from lplr_dask.params import make_config
 
 
 def test_classify_defaults():

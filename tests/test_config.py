@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import zarr
 
-from lplr_dask.config import (
+from lplr_dask.errors import ConfigError
+from pipelines.config import (
     ClusterConfig,
     CompressionParams,
     expand,
     load_config,
     parse_config,
 )
-from lplr_dask.errors import ConfigError
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
 

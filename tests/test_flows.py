@@ -183,7 +183,7 @@ def test_deployment_end_to_end(prefect_server, matrix, tmp_path):
 def test_killed_worker_during_projection_same_codes(prefect_server, matrix, tmp_path):
     """SIGKILL one of two Dask worker processes while the projection stage runs: the flow
     still completes on the other worker, with codes identical to an undisturbed run."""
-    from lplr_dask.config import ClusterConfig, CompressionParams
+    from pipelines.config import ClusterConfig, CompressionParams
     from pipelines.flows import compress_matrix
 
     src, reference = matrix
@@ -264,7 +264,7 @@ def test_flow_artifacts_and_stage_task_runs(prefect_server, matrix, tmp_path):
     """compress-matrix in this process on a LocalCluster of ONE single-threaded worker (the
     shape of LocalCUDACluster on one GPU, where get_dask_client() inside a task hangs): it
     completes, every stage is a task run and the three artifacts are published."""
-    from lplr_dask.config import ClusterConfig, CompressionParams
+    from pipelines.config import ClusterConfig, CompressionParams
     from pipelines.flows import compress_matrix
 
     src, reference = matrix
@@ -304,7 +304,7 @@ if __name__ == "__main__":  # pragma: no cover
 def test_batch_over_a_zarr_group_compresses_all_and_names_the_failure(prefect_server, tmp_path):
     """compress-matrices fans out over a Zarr group (one subflow per 2-D array, one cluster);
     a matrix with a NaN fails alone, the others are published, the batch names the failure."""
-    from lplr_dask.config import parse_config
+    from pipelines.config import parse_config
     from pipelines.flows import BatchFailed, compress_matrices
 
     grp = tmp_path / "layers.zarr"
@@ -349,8 +349,8 @@ def test_compress_checkpoint_flow_fans_out_over_tensors(prefect_server, tmp_path
     from test_checkpoint import make_tensors, write_checkpoint
 
     from lplr_dask.checkpoint import restore_checkpoint
-    from lplr_dask.config import ClusterConfig
     from pipelines.checkpoint import compress_checkpoint_flow
+    from pipelines.config import ClusterConfig
 
     tensors = make_tensors("float32")
     src = write_checkpoint(tmp_path / "src", tensors, shards=2)

@@ -19,9 +19,9 @@ import pytest
 from conftest import known_spectrum, tree_digest, write_zarr
 
 from lplr_dask import compress
-from lplr_dask.cli_common import os_error_message
+from lplr_dask.cli.common import os_error_message
 from lplr_dask.errors import ForeignOutputError, OutputExistsError
-from lplr_dask.fs import (
+from lplr_dask.storage.fs import (
     check_output_path,
     exchange_paths,
     lplr_output_kind,
@@ -188,7 +188,7 @@ def test_overwrite_of_our_own_outputs_works(tmp_path, good):
 
 
 def test_overwrite_of_a_decompressed_array_works(tmp_path, good):
-    from lplr_dask.reader import decompress
+    from lplr_dask.storage.reader import decompress
 
     src = tmp_path / "r.zarr"
     small_compress(good, src, 6)
@@ -215,7 +215,7 @@ def _two_versions(tmp_path, good):
 KILL_SCRIPT = """
 import os, sys
 from pathlib import Path
-import lplr_dask.fs as fs
+import lplr_dask.storage.fs as fs
 
 mode, tmp, out = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3])
 exchange = fs.exchange_paths
@@ -292,7 +292,7 @@ def test_next_writer_recovers_a_killed_publish(tmp_path, good):
         [
             sys.executable,
             "-c",
-            "import os, sys; from pathlib import Path; import lplr_dask.fs as fs\n"
+            "import os, sys; from pathlib import Path; import lplr_dask.storage.fs as fs\n"
             "with fs.temporary_output(Path(sys.argv[1])) as t:\n"
             "    (t / 'part').write_text('half')\n"
             "    os._exit(9)\n",

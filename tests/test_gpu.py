@@ -15,8 +15,8 @@ except cupy.cuda.runtime.CUDARuntimeError:
     pytest.skip("no CUDA device", allow_module_level=True)
 
 from lplr_dask import QuantizerSpec, compress  # noqa: E402
-from lplr_dask.packing import pack_codes, unpack_codes  # noqa: E402
-from lplr_dask.quantize import block_range, dequantize, quantize  # noqa: E402
+from lplr_dask.kernels.packing import pack_codes, unpack_codes  # noqa: E402
+from lplr_dask.kernels.quantize import block_range, dequantize, quantize  # noqa: E402
 
 
 @pytest.mark.parametrize("bits", range(1, 9))

@@ -20,11 +20,11 @@ import zarr
 from conftest import known_spectrum, tree_digest
 
 from lplr_dask import compress
+from lplr_dask.core.job import CompressionJob
 from lplr_dask.errors import DamagedInputError, InputError, VerificationError
-from lplr_dask.inputs import canonical_block_shape, missing_chunk_keys, open_input
-from lplr_dask.job import CompressionJob
-from lplr_dask.reader import open_compressed, relative_error
-from lplr_dask.storage import bytes_on_disk
+from lplr_dask.storage.format import bytes_on_disk
+from lplr_dask.storage.inputs import canonical_block_shape, missing_chunk_keys, open_input
+from lplr_dask.storage.reader import open_compressed, relative_error
 
 SHAPE, CHUNKS = (300, 200), (100, 64)
 
@@ -323,8 +323,8 @@ def test_bytes_on_disk_are_the_reported_bytes(tmp_path, shape, method, kw):
 def test_checkpoint_policy_counts_the_honest_bytes():
     """The policy's exact bits are the stored ones: on 4097 × 130, 2-bit group-wise codes
     take 33 bytes per row (130 codes) plus two float32 scales, over 4098 stored rows."""
-    from lplr_dask.checkpoint_policy import nq_bits_for_budget
-    from lplr_dask.params import make_config
+    from lplr_dask.checkpoint.policy import nq_bits_for_budget
+    from lplr_dask.core.params import make_config
 
     shape = (4097, 130)
     cfg = make_config(method="nq", shape=shape, rank=None, bits_matrix=2, group_size=128)

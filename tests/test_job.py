@@ -13,7 +13,7 @@ import zarr
 from conftest import group_digest, write_zarr
 
 from lplr_dask import compress
-from lplr_dask.job import STAGES, CompressionJob, JobBusyError, input_fingerprint
+from lplr_dask.core.job import STAGES, CompressionJob, JobBusyError, input_fingerprint
 
 KW = dict(rank=20, bits_left=4, bits_right=4, seed=2, block_shape=(512, 256))
 
@@ -167,13 +167,13 @@ def test_resume_after_a_kill_inside_publish_keeps_the_published_result(tmp_path,
 
 def test_killed_run_without_resume_leaves_nothing_for_the_next_writer(tmp_path, decaying_zarr):
     """A work directory without --resume is tagged with host and pid; once that process is
-    dead, the next writer of the same OUTPUT removes it (lplr_dask.fs.recover_publish)."""
-    from lplr_dask.fs import check_output_path
+    dead, the next writer of the same OUTPUT removes it (lplr_dask.storage.fs.recover_publish)."""
+    from lplr_dask.storage.fs import check_output_path
 
     out = tmp_path / "out.zarr"
     script = (
         "import os, sys\n"
-        "from lplr_dask.job import CompressionJob\n"
+        "from lplr_dask.core.job import CompressionJob\n"
         f"job = CompressionJob.create({str(decaying_zarr)!r}, {str(out)!r}, rank=8)\n"
         "job.open()\n"
         "for name in job.stages[:3]:\n"

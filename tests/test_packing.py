@@ -1,4 +1,4 @@
-"""Unit tests of bit packing and the 16-bit float passthrough in :mod:`lplr_dask.packing`."""
+"""Unit tests of bit packing and the 16-bit float passthrough (:mod:`lplr_dask.kernels.packing`)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lplr_dask.errors import ParameterError
-from lplr_dask.packing import (
+from lplr_dask.kernels.packing import (
     BIT_ORDER,
     decode_float,
     encode_float,

@@ -1,4 +1,4 @@
-"""Unit tests of the per-block quantizer kernels in :mod:`lplr_dask.quantize`."""
+"""Unit tests of the per-block quantizer kernels in :mod:`lplr_dask.kernels.quantize`."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from lplr_dask.errors import ParameterError
-from lplr_dask.quantize import (
+from lplr_dask.kernels.quantize import (
     QuantizerSpec,
     block_range,
     dequantize,
@@ -615,7 +615,7 @@ def test_property_error_at_most_half_step(case):
 def test_row_slabs_change_no_code_and_no_value(monkeypatch, granularity, rounding):
     """Large blocks are (de)quantized in row slabs to bound the float64 temporaries; the codes
     and values must equal the one-piece computation (dither drawn in the same order)."""
-    from lplr_dask import quantize as qmod
+    from lplr_dask.kernels import quantize as qmod
 
     group = {"group_size": 16} if granularity == "group" else {}
     spec = QuantizerSpec(bits=3, granularity=granularity, rounding=rounding, **group)

@@ -1,4 +1,5 @@
-"""Unit tests of the seeded streams in :mod:`lplr_dask.random` and of :mod:`lplr_dask.linalg`."""
+"""Unit tests of the seeded streams in :mod:`lplr_dask.kernels.random` and of
+:mod:`lplr_dask.kernels.linalg`."""
 
 from __future__ import annotations
 
@@ -7,8 +8,8 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from lplr_dask.linalg import gram_pinv
-from lplr_dask.random import (
+from lplr_dask.kernels.linalg import gram_pinv
+from lplr_dask.kernels.random import (
     SEED_BLOCK,
     STREAM_DITHER_LEFT,
     STREAM_DITHER_MATRIX,
@@ -262,7 +263,7 @@ def test_golden_sketch_streams():
 )
 def test_golden_dither_streams(stream, golden):
     """Stochastic rounding of a fixed block with the dither of block 2 of each stream."""
-    from lplr_dask.quantize import QuantizerSpec, block_range, quantize
+    from lplr_dask.kernels.quantize import QuantizerSpec, block_range, quantize
 
     x = np.linspace(-1, 1, 64 * 48, dtype=np.float32).reshape(64, 48)
     spec = QuantizerSpec(bits=3, granularity="tensor", rounding="stochastic")
@@ -274,7 +275,7 @@ def test_golden_dither_streams(stream, golden):
 def test_golden_lplr_svd_mix_stream():
     # (The basis rotation is a QR of such a draw: LAPACK's rounding may differ by machine, so
     # only its stream is pinned.)
-    from lplr_dask.random import STREAM_LPLR_SVD_MIX
+    from lplr_dask.kernels.random import STREAM_LPLR_SVD_MIX
 
     mix = block_generator(7, STREAM_LPLR_SVD_MIX).standard_normal((8, 8))
     assert _digest(mix) == "449eac25b53e37b427367a8a39ebbeaf"

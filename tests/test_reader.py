@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lplr_dask import ParameterError, StorageFormatError, compress
-from lplr_dask.reader import decompress, open_compressed
+from lplr_dask.storage.reader import decompress, open_compressed
 
 
 @pytest.fixture

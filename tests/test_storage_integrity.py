@@ -22,8 +22,8 @@ from conftest import tree_digest
 
 from lplr_dask import compress
 from lplr_dask.errors import InputError, IntegrityError, ParameterError, StorageFormatError
-from lplr_dask.reader import decompress, open_compressed, relative_error, verify_compressed
-from lplr_dask.storage import CHECKSUM_BYTES, bytes_on_disk, check_group
+from lplr_dask.storage.format import CHECKSUM_BYTES, bytes_on_disk, check_group
+from lplr_dask.storage.reader import decompress, open_compressed, relative_error, verify_compressed
 
 SHAPE = (300, 200)
 BLOCK = (128, 128)

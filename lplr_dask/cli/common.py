@@ -1,5 +1,5 @@
 """Pieces shared by the commands of ``lplr`` (:mod:`lplr_dask.cli` and
-:mod:`lplr_dask.cli_checkpoint`): cluster flags and the client they describe, progress, output,
+:mod:`lplr_dask.cli.checkpoint`): cluster flags and the client they describe, progress, output,
 messages for file-system errors, recovery of an interrupted publish."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import json
 import logging
 import sys
 
-from .errors import LPLRError
+from lplr_dask.errors import LPLRError
 
 __all__ = [
     "cluster_args",
@@ -66,7 +66,7 @@ def os_error_message(exc: OSError) -> str | None:
 
 def recover_output(path) -> None:
     """Finish or roll back an interrupted publish of ``path`` (a note on stderr if any)."""
-    from .fs import recover_publish
+    from lplr_dask.storage.fs import recover_publish
 
     for note in recover_publish(path):
         print(f"lplr: {path}: {note}", file=sys.stderr)
@@ -149,7 +149,7 @@ def quiet_project_errors() -> None:
 def cluster_client(args):
     """The ``distributed.Client`` that the cluster flags of :func:`cluster_args` describe
     (:func:`lplr_dask.cluster.dask_client`), with :func:`quiet_project_errors` on its workers."""
-    from .cluster import dask_client
+    from lplr_dask.cluster import dask_client
 
     with dask_client(
         args.cluster,

@@ -19,7 +19,7 @@ import numpy as np
 import zarr
 from dask.base import tokenize
 
-from .errors import DamagedInputError, InputError, ParameterError
+from lplr_dask.errors import DamagedInputError, InputError, ParameterError
 
 __all__ = [
     "ACCEPTED_DTYPES",

@@ -57,7 +57,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint_index import (
+from lplr_dask.checkpoint.index import (
     DTYPES,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -73,7 +73,7 @@ from .checkpoint_index import (
     is_int,
     read_index,
 )
-from .checkpoint_policy import (
+from lplr_dask.checkpoint.policy import (
     AUTO,
     CHECKPOINT_METHODS,
     DEFAULT_CANDIDATE_BUDGETS,
@@ -86,13 +86,13 @@ from .checkpoint_policy import (
     min_bits,
     override_candidate,
 )
-from .errors import (
+from lplr_dask.errors import (
     InputError,
     IntegrityError,
     ParameterError,
     StorageFormatError,
 )
-from .fs import (
+from lplr_dask.storage.fs import (
     check_output_path,
     publish,
     scratch_dir,
@@ -727,7 +727,7 @@ def _read_curve(tdir: Path) -> dict:
 def _fingerprint(entry: TensorEntry) -> str:
     """What a measurement depends on besides the candidate: the source file, the seed and the
     engine's version."""
-    from ._version import __version__
+    from lplr_dask._version import __version__
 
     st = Path(entry.file).stat()
     return f"{entry.file}:{st.st_size}:{st.st_mtime_ns}:seed={entry.seed}:lplr-dask={__version__}"
@@ -761,7 +761,7 @@ def compress_tensor(
     dict
         The tensor's curve: ``{"name", "shape", "dtype", "norm2", "points": {key: {...}}}``.
     """
-    from .api import compress
+    from lplr_dask.core.compress import compress
 
     if not isinstance(entry, TensorEntry):
         entry = TensorEntry(**entry)
@@ -931,10 +931,10 @@ def finalize_checkpoint(
 ) -> CheckpointResult:
     """Choose each tensor's configuration, write DST and publish it.
 
-    For ``auto`` the measured curves are allocated by :func:`lplr_dask.checkpoint_policy.allocate`
+    For ``auto`` the measured curves are allocated by :func:`lplr_dask.checkpoint.policy.allocate`
     under ``plan.budget``; for a single method each tensor takes its one candidate. Each chosen
-    group is verified chunk by chunk (:func:`lplr_dask.reader.verify_compressed`) before it is
-    copied; the index records the sha256 of every file written and of itself. Everything is
+    group is verified chunk by chunk (:func:`lplr_dask.storage.reader.verify_compressed`) before
+    it is copied; the index records the sha256 of every file written and of itself. Everything is
     written into a temporary sibling of ``dst`` that is renamed into place when complete.
 
     Parameters
@@ -952,7 +952,7 @@ def finalize_checkpoint(
     -------
     CheckpointResult
     """
-    from .reader import verify_compressed
+    from lplr_dask.storage.reader import verify_compressed
 
     t0 = time.perf_counter()
     if not isinstance(plan, CheckpointPlan):
@@ -1198,7 +1198,7 @@ def checkpoint_info(dst) -> dict:
 
 def _reconstruct_writer(cm, dtype: str, shape):
     """A writer that streams the reconstruction of an opened compressed tensor
-    (:class:`~lplr_dask.reader.CompressedMatrix`), row slab by row slab, cast to the source
+    (:class:`~lplr_dask.storage.reader.CompressedMatrix`), row slab by row slab, cast to the source
     dtype (float32 reconstruction; bfloat16 rounds to nearest even)."""
 
     def write(fh):
@@ -1228,7 +1228,7 @@ def restore_checkpoint(dst, out, *, overwrite: bool = False) -> str:
     every file it lists and of every file of every compressed group; a version-1 index,
     written before checksums, is read unchecked) and every path read from it is confined to
     ``dst`` (no absolute path, no ``..``, no link leading out); the compressed groups are
-    read through :mod:`lplr_dask.reader`, which checks them chunk by chunk.
+    read through :mod:`lplr_dask.storage.reader`, which checks them chunk by chunk.
 
     Parameters
     ----------
@@ -1252,7 +1252,7 @@ def restore_checkpoint(dst, out, *, overwrite: bool = False) -> str:
     UnsafePathError
         A path in the index leads outside ``dst`` (or would lead outside ``out``).
     """
-    from .reader import open_compressed
+    from lplr_dask.storage.reader import open_compressed
 
     index = read_index(dst)
     root = Path(dst)

@@ -35,7 +35,7 @@ import time
 import uuid
 from pathlib import Path
 
-from .errors import ForeignOutputError, OutputExistsError
+from lplr_dask.errors import ForeignOutputError, OutputExistsError
 
 __all__ = [
     "OUTPUT_KINDS",

@@ -1,9 +1,9 @@
 """Dask graph builders for LPLR and its baselines, and the stage-by-stage driver.
 
 The computation is defined on a fixed grid of canonical blocks of A (see
-:func:`lplr_dask.inputs.canonical_block_shape`); every reduction has a fixed tree over that grid
-and every random number comes from a stream keyed by the seed and block coordinates, so the
-codes do not depend on the storage tiling, the number of workers or the backend.
+:func:`lplr_dask.storage.inputs.canonical_block_shape`); every reduction has a fixed tree over
+that grid and every random number comes from a stream keyed by the seed and block coordinates,
+so the codes do not depend on the storage tiling, the number of workers or the backend.
 
 Passes over A for ``method="lplr"`` with the defaults: two (the sketch, the projection).
 ``n_power_iter`` adds two per iteration, ``n_oversamples > 0`` one (the truncation).
@@ -23,15 +23,21 @@ from dask.highlevelgraph import HighLevelGraph
 from distributed.diagnostics.plugin import WorkerPlugin
 from threadpoolctl import threadpool_limits
 
-from ._array import array_namespace, asarray_like, to_numpy
-from .packing import decode_float, encode_float
-from .quantize import QuantizerSpec, block_range, dequantize, merge_ranges, quantize
-from .random import (
+from lplr_dask.kernels.packing import decode_float, encode_float
+from lplr_dask.kernels.quantize import (
+    QuantizerSpec,
+    block_range,
+    dequantize,
+    merge_ranges,
+    quantize,
+)
+from lplr_dask.kernels.random import (
     STREAM_DITHER_LEFT,
     STREAM_DITHER_RIGHT,
     block_generator,
     sketch_rows,
 )
+from lplr_dask.kernels.xp import array_namespace, asarray_like, to_numpy
 
 __all__ = ["StageCallback", "Stages"]
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import contextlib
 import sys
 
-from .cli_common import cluster_args as cli_cluster_args
-from .cli_common import cluster_client as cli_client
-from .cli_common import emit, recover_output
-from .errors import ParameterError
+from lplr_dask.cli.common import cluster_args as cli_cluster_args
+from lplr_dask.cli.common import cluster_client as cli_client
+from lplr_dask.cli.common import emit, recover_output
+from lplr_dask.errors import ParameterError
 
 __all__ = ["add_parser", "parse_override"]
 
@@ -73,9 +73,9 @@ def _summary(s: dict) -> list[str]:
 
 
 def cmd_compress(args) -> int:
-    from .checkpoint import compress_checkpoint, plan_checkpoint
-    from .checkpoint_policy import TensorPolicy
-    from .fs import check_output_path
+    from lplr_dask.checkpoint.policy import TensorPolicy
+    from lplr_dask.checkpoint.run import compress_checkpoint, plan_checkpoint
+    from lplr_dask.storage.fs import check_output_path
 
     policy = TensorPolicy(
         min_size=args.min_size,
@@ -118,7 +118,7 @@ def cmd_compress(args) -> int:
 def cmd_restore(args) -> int:
     import time
 
-    from .checkpoint import index_is_checked, restore_checkpoint
+    from lplr_dask.checkpoint.run import index_is_checked, restore_checkpoint
 
     recover_output(args.dst)
     t0 = time.perf_counter()
@@ -144,7 +144,7 @@ _UNCHECKED = (
 
 
 def cmd_info(args) -> int:
-    from .checkpoint import checkpoint_info, tensor_table
+    from lplr_dask.checkpoint.run import checkpoint_info, tensor_table
 
     recover_output(args.dst)
     info = checkpoint_info(args.dst)
@@ -176,7 +176,7 @@ def _cluster_args(p):
 
 def add_parser(sub) -> None:
     """Register ``checkpoint`` and its subcommands on ``sub`` (argparse subparsers)."""
-    from .checkpoint_policy import CHECKPOINT_METHODS
+    from lplr_dask.checkpoint.policy import CHECKPOINT_METHODS
 
     ck = sub.add_parser("checkpoint", help="compress or restore a safetensors model checkpoint")
     ck_sub = ck.add_subparsers(dest="checkpoint_command", required=True)

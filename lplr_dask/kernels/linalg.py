@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import array_namespace
+from lplr_dask.kernels.xp import array_namespace
 
 __all__ = ["gram_pinv", "top_eigenvectors"]
 

@@ -21,8 +21,8 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from .errors import ParameterError
-from .params import METHODS, make_config
+from lplr_dask.core.params import METHODS, make_config
+from lplr_dask.errors import ParameterError
 
 __all__ = [
     "AUTO",

@@ -5,8 +5,8 @@ gets its largest feasible rank m(B, B′) ≤ ``max_rank``; the pair with the lo
 error wins. Measuring every candidate costs one sketch pass over A plus small work:
 
 1. one sketch of K = max m columns. The sketch has a prefix property (see
-   :mod:`lplr_dask.random`), so the first m columns of its orthonormal basis span exactly the
-   rank-m sketch's range, for every candidate m;
+   :mod:`lplr_dask.kernels.random`), so the first m columns of its orthonormal basis span
+   exactly the rank-m sketch's range, for every candidate m;
 2. in the same pass, a seeded sample of whole column groups of A is kept (``sample_cols``
    columns, all of A when d is smaller);
 3. given L̂, the error separates over columns, ‖A − L̂R̂‖² = Σ_j ‖A_j − L̂R̂_j‖², and R̂_j depends
@@ -24,8 +24,7 @@ from functools import partial
 
 import numpy as np
 
-from ._array import to_numpy
-from .engine import (
+from lplr_dask.core.engine import (
     Stages,
     decode,
     encode,
@@ -37,10 +36,7 @@ from .engine import (
     sketch_matrix,
     sketch_with_norms,
 )
-from .errors import ParameterError
-from .inputs import InputMatrix
-from .linalg import gram_pinv, top_eigenvectors
-from .methods import (
+from lplr_dask.core.methods import (
     ROTATED_METHODS,
     basis_rotation,
     check_finite_input,
@@ -48,8 +44,12 @@ from .methods import (
     orthonormalize,
     times,
 )
-from .params import LOW_RANK_METHODS, CompressionConfig, make_config
-from .quantize import QuantizerSpec, block_range
+from lplr_dask.core.params import LOW_RANK_METHODS, CompressionConfig, make_config
+from lplr_dask.errors import ParameterError
+from lplr_dask.kernels.linalg import gram_pinv, top_eigenvectors
+from lplr_dask.kernels.quantize import QuantizerSpec, block_range
+from lplr_dask.kernels.xp import to_numpy
+from lplr_dask.storage.inputs import InputMatrix
 
 __all__ = ["choose_config", "max_rank_for"]
 

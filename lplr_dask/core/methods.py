@@ -1,17 +1,17 @@
 """The bodies of the methods on Dask: the checks, orthonormalization, rotation and direct
-quantization steps that the stages of :mod:`lplr_dask.job` and the budget search share."""
+quantization steps that the stages of :mod:`lplr_dask.core.job` and the budget search share."""
 
 from __future__ import annotations
 
 import dask.array as da
 import numpy as np
 
-from ._array import array_namespace, asarray_like, to_numpy
-from .engine import Stages, decode, encode, global_ranges, tile_sumsq
-from .errors import NonFiniteInputError
-from .quantize import block_range
-from .random import STREAM_BASIS_ROTATION, STREAM_DITHER_MATRIX, block_generator
-from .storage import create_factor
+from lplr_dask.core.engine import Stages, decode, encode, global_ranges, tile_sumsq
+from lplr_dask.errors import NonFiniteInputError
+from lplr_dask.kernels.quantize import block_range
+from lplr_dask.kernels.random import STREAM_BASIS_ROTATION, STREAM_DITHER_MATRIX, block_generator
+from lplr_dask.kernels.xp import array_namespace, asarray_like, to_numpy
+from lplr_dask.storage.format import create_factor
 
 __all__ = [
     "ROTATED_METHODS",

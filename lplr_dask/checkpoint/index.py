@@ -19,7 +19,7 @@ import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
-from .errors import IntegrityError, StorageFormatError, UnsafePathError
+from lplr_dask.errors import IntegrityError, StorageFormatError, UnsafePathError
 
 __all__ = [
     "DTYPES",

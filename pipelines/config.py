@@ -32,8 +32,8 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from .errors import ConfigError
-from .params import DEFAULT_GROUP_SIZE, METHODS
+from lplr_dask.core.params import DEFAULT_GROUP_SIZE, METHODS
+from lplr_dask.errors import ConfigError
 
 __all__ = [
     "ClusterConfig",
@@ -106,7 +106,7 @@ class ClusterConfig:
 
     def client(self):
         """A context manager yielding a ``distributed.Client`` on this cluster."""
-        from .cluster import dask_client
+        from lplr_dask.cluster import dask_client
 
         return dask_client(
             self.target,
@@ -179,8 +179,9 @@ class DatasetSpec:
     def ensure(self, path: str) -> bool:
         """Write the matrix at ``path`` unless something is there; True if it was written.
         Written under a temporary name and renamed, so a crash leaves no half matrix."""
-        from .datasets import low_rank_plus_noise
-        from .fs import publish, temporary_output
+        from lplr_dask.storage.fs import publish, temporary_output
+
+        from lplr_dask.datasets import low_rank_plus_noise
 
         dest = Path(path)
         if dest.exists():

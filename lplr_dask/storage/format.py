@@ -11,8 +11,8 @@ Layout of a compressed group (format ``lplr-dask``, version 2)::
         Q/...                                  the directly quantized matrix (``nq``, ``nq+lplr``)
 
 A factor quantized to 16 bits stores ``codes`` as uint16 float16/bfloat16 bit patterns and no
-ranges. Codes are packed as :mod:`lplr_dask.packing` describes (``bit_order``). Each factor
-group carries ``attrs["quantizer"]`` (a :class:`~lplr_dask.quantize.QuantizerSpec`) and
+ranges. Codes are packed as :mod:`lplr_dask.kernels.packing` describes (``bit_order``). Each factor
+group carries ``attrs["quantizer"]`` (a :class:`~lplr_dask.kernels.quantize.QuantizerSpec`) and
 ``attrs["shape"]``. Chunks follow the computation's blocks (``block_shape``): ``L`` in
 ``(block_rows, rank)``, ``R`` in ``(rank, block_cols)``, ``Q`` in ``block_shape``;
 :func:`factor_layout` is the one definition of every array's shape, chunk shape and dtype.
@@ -38,7 +38,7 @@ loosely (shapes and dtypes), without the guarantee: damage to them cannot be det
 Bytes on disk are the reported ``stored_bytes`` (chunk payloads, edge chunks padded to the
 full chunk shape) plus 4 bytes of checksum per chunk file and the metadata JSON; see
 :func:`bytes_on_disk`. Writers put everything under a temporary sibling directory and
-:func:`lplr_dask.fs.publish` renames it into place only when complete, so an existing OUTPUT
+:func:`lplr_dask.storage.fs.publish` renames it into place only when complete, so an existing OUTPUT
 is never half-overwritten.
 """
 
@@ -54,9 +54,15 @@ from pathlib import Path
 import numpy as np
 import zarr
 
-from .errors import IntegrityError, LPLRError, ParameterError, StorageFormatError
-from .packing import BIT_ORDER, decode_float, pack_codes, packed_width, unpack_codes
-from .quantize import QuantizerSpec, dequantize
+from lplr_dask.errors import IntegrityError, LPLRError, ParameterError, StorageFormatError
+from lplr_dask.kernels.packing import (
+    BIT_ORDER,
+    decode_float,
+    pack_codes,
+    packed_width,
+    unpack_codes,
+)
+from lplr_dask.kernels.quantize import QuantizerSpec, dequantize
 
 __all__ = [
     "CHECKSUM_BYTES",
@@ -86,7 +92,7 @@ FORMAT_NAME = "lplr-dask"
 FORMAT_VERSION = 2
 #: Format versions this lplr-dask reads; version 1 has no checksums.
 READABLE_VERSIONS = (1, 2)
-#: Format of a dense reconstruction written by :func:`lplr_dask.reader.decompress`.
+#: Format of a dense reconstruction written by :func:`lplr_dask.storage.reader.decompress`.
 DENSE_FORMAT_NAME = "lplr-dask-dense"
 DENSE_FORMAT_VERSION = 1
 #: Size of the CRC-32C that the ``crc32c`` codec appends to every chunk file.
@@ -131,7 +137,7 @@ class FactorWriter:
     def write(self, row0: int, col0: int, codes, lo=None, hi=None) -> None:
         """Write the codes (unpacked, uint8, or float values for 16 bits) of the block at
         ``(row0, col0)``, and its ranges when they are local to the block."""
-        from ._array import to_numpy
+        from lplr_dask.kernels.xp import to_numpy
 
         rows, cols = codes.shape
         if self.spec.is_float:
@@ -146,7 +152,7 @@ class FactorWriter:
 
     def write_ranges(self, lo, hi, *, row0: int = 0, col0: int = 0) -> None:
         """Write (part of) the range arrays; ``row0, col0`` are coordinates in the factor."""
-        from ._array import to_numpy
+        from lplr_dask.kernels.xp import to_numpy
 
         spec = self.spec
         r0 = row0 if spec.granularity in ("row", "group") else 0
@@ -237,7 +243,7 @@ def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> 
 
 
 def create_dense(path, shape, chunks, *, source, dtype="float32") -> zarr.Array:
-    """Create the dense array that :func:`lplr_dask.reader.decompress` writes, marked as
+    """Create the dense array that :func:`lplr_dask.storage.reader.decompress` writes, marked as
     lplr-dask's own (``attrs["lplr_dask"]["format"] == "lplr-dask-dense"``), checksummed and
     with every chunk written. The returned array pickles with its configuration, so Dask
     tasks can store into it."""
@@ -673,7 +679,7 @@ def read_factor_block(
     """Dequantized values of ``factor[rows, cols]`` read from the factor group at ``path``.
 
     ``cols.start`` must be a multiple of 8 (whole packed bytes) and, for group-wise ranges, of
-    ``group_size``; the readers in :mod:`lplr_dask.reader` only ask for such blocks. Every
+    ``group_size``; the readers in :mod:`lplr_dask.storage.reader` only ask for such blocks. Every
     chunk file touched must exist (``require_chunks``, format 2); a chunk that fails to
     decode raises :class:`~lplr_dask.errors.IntegrityError` naming it.
     """

@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._array import array_namespace
-from .errors import ParameterError
+from lplr_dask.errors import ParameterError
+from lplr_dask.kernels.xp import array_namespace
 
 __all__ = [
     "BIT_ORDER",

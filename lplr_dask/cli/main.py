@@ -15,8 +15,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from ._version import __version__
-from .cli_common import (
+from lplr_dask._version import __version__
+from lplr_dask.cli.common import (
     cluster_args,
     cluster_client,
     emit,
@@ -25,7 +25,7 @@ from .cli_common import (
     recover_output,
     show_progress,
 )
-from .errors import LPLRError, ParameterError
+from lplr_dask.errors import LPLRError, ParameterError
 
 __all__ = ["main"]
 
@@ -44,9 +44,9 @@ def _summary_lines(r: dict) -> list[str]:
 
 
 def cmd_compress(args) -> int:
-    from .api import compress
-    from .fs import check_output_path
-    from .inputs import open_input
+    from lplr_dask.core.compress import compress
+    from lplr_dask.storage.fs import check_output_path
+    from lplr_dask.storage.inputs import open_input
 
     # Fail fast, before a cluster starts, on the commonest mistakes.
     matrix = open_input(args.input, allow_missing_chunks=args.allow_missing_chunks)
@@ -82,8 +82,8 @@ def cmd_compress(args) -> int:
 
 
 def cmd_info(args) -> int:
-    from .reader import NO_CHECKSUMS_NOTE, open_compressed
-    from .storage import bytes_on_disk
+    from lplr_dask.storage.format import bytes_on_disk
+    from lplr_dask.storage.reader import NO_CHECKSUMS_NOTE, open_compressed
 
     recover_output(args.output)
     cm = open_compressed(args.output)
@@ -114,7 +114,7 @@ def cmd_info(args) -> int:
 
 
 def cmd_verify(args) -> int:
-    from .reader import verify_compressed
+    from lplr_dask.storage.reader import verify_compressed
 
     recover_output(args.output)
     res = verify_compressed(args.output)
@@ -123,7 +123,7 @@ def cmd_verify(args) -> int:
 
 
 def cmd_decompress(args) -> int:
-    from .reader import decompress
+    from lplr_dask.storage.reader import decompress
 
     recover_output(args.output)
     with cluster_client(args):
@@ -134,7 +134,7 @@ def cmd_decompress(args) -> int:
 
 
 def cmd_error(args) -> int:
-    from .reader import open_compressed, relative_error
+    from lplr_dask.storage.reader import open_compressed, relative_error
 
     recover_output(args.output)
     cm = open_compressed(args.output)
@@ -159,8 +159,8 @@ def cmd_error(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from .api import compress
-    from .datasets import low_rank_plus_noise
+    from lplr_dask.core.compress import compress
+    from lplr_dask.datasets import low_rank_plus_noise
 
     workdir = Path(args.workdir) if args.workdir else Path(tempfile.mkdtemp(prefix="lplr-demo-"))
     workdir.mkdir(parents=True, exist_ok=True)
@@ -229,7 +229,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_flow_run(args) -> int:
-    from .config import load_config
+    from pipelines.config import load_config
 
     load_config(args.config)  # a mistake in the file is reported before Prefect starts
     try:
@@ -372,7 +372,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     p.set_defaults(func=cmd_flow_run)
 
-    from .cli_checkpoint import add_parser as add_checkpoint_parser
+    from lplr_dask.cli.checkpoint import add_parser as add_checkpoint_parser
 
     add_checkpoint_parser(sub)
     return parser

@@ -1,6 +1,6 @@
 """Readers of compressed groups: factors as Dask arrays, lazy reconstruction, matvec, checks.
 
-Opening a group checks it (:func:`lplr_dask.storage.check_group`): format, version, the
+Opening a group checks it (:func:`lplr_dask.storage.format.check_group`): format, version, the
 checksum of the attributes and a cross-check of the attributes against every array. Every read
 checks that the chunks it touches exist and decode (CRC-32C); damage is an
 :class:`~lplr_dask.errors.IntegrityError` naming the array and the chunk, raised on the worker
@@ -18,10 +18,10 @@ import numpy as np
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
-from .errors import InputError, ParameterError
-from .fs import check_output_path, publish, recover_publish, temporary_output
-from .inputs import open_input
-from .storage import check_group, create_dense, read_factor_block, verify_array
+from lplr_dask.errors import InputError, ParameterError
+from lplr_dask.storage.format import check_group, create_dense, read_factor_block, verify_array
+from lplr_dask.storage.fs import check_output_path, publish, recover_publish, temporary_output
+from lplr_dask.storage.inputs import open_input
 
 __all__ = [
     "NO_CHECKSUMS_NOTE",
@@ -186,7 +186,7 @@ def _chunks(total: int, size: int) -> tuple[int, ...]:
 
 def open_compressed(path) -> CompressedMatrix:
     """Open a compressed group written by :func:`lplr_dask.compress`, with every check of
-    :func:`lplr_dask.storage.check_group`.
+    :func:`lplr_dask.storage.format.check_group`.
 
     Raises
     ------

@@ -16,7 +16,7 @@ The reference quantizer of the paper's code (one min–max range per matrix, 2^B
 both endpoints, nearest rounding) is :meth:`QuantizerSpec.paper`.
 
 Every function here works on one block and never imports Dask; the graph builders in
-:mod:`lplr_dask.engine` combine per-block ranges with :func:`merge_ranges` when a group spans
+:mod:`lplr_dask.core.engine` combine per-block ranges with :func:`merge_ranges` when a group spans
 several blocks. Ranges are kept in float32, the precision they are stored in, so that the
 engine and every reader dequantize to bit-identical values.
 """
@@ -27,8 +27,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from ._array import array_namespace
-from .errors import ParameterError
+from lplr_dask.errors import ParameterError
+from lplr_dask.kernels.xp import array_namespace
 
 __all__ = [
     "FLOAT_FORMATS",

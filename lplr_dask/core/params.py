@@ -13,10 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .errors import ParameterError
-from .inputs import canonical_block_shape
-from .quantize import QuantizerSpec
-from .storage import layout_nbytes
+from lplr_dask.errors import ParameterError
+from lplr_dask.kernels.quantize import QuantizerSpec
+from lplr_dask.storage.format import layout_nbytes
+from lplr_dask.storage.inputs import canonical_block_shape
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
@@ -51,7 +51,7 @@ class CompressionConfig:
     seed: int
     block_shape: tuple[int, int] | None = None
     """Rows and columns of A's canonical blocks; None (plan records of earlier versions):
-    the default grid of :func:`lplr_dask.inputs.canonical_block_shape`."""
+    the default grid of :func:`lplr_dask.storage.inputs.canonical_block_shape`."""
 
     def blocks(self, shape) -> tuple[int, int]:
         """The block grid for a matrix of ``shape``, clipped to it."""
@@ -66,7 +66,7 @@ class CompressionConfig:
     def nbytes(self, shape) -> int:
         """Bytes stored for the codes and ranges of every factor of a matrix of ``shape``:
         the chunk payloads as they lie on disk, edge chunks padded to the full chunk shape
-        (:func:`lplr_dask.storage.layout_nbytes`), without checksums or metadata."""
+        (:func:`lplr_dask.storage.format.layout_nbytes`), without checksums or metadata."""
         n, d = (int(v) for v in shape)
         br, bc = self.blocks((n, d))
         total = 0
@@ -123,9 +123,9 @@ class CompressionResult:
     budget: float | None = None
     budget_search: list = field(default_factory=list)
     """With ``budget``: every candidate scored (rank, bits, bits_per_entry,
-    estimated_rel_error), as :func:`lplr_dask.budget.choose_config` measured them."""
+    estimated_rel_error), as :func:`lplr_dask.core.search.choose_config` measured them."""
     reused_stages: list = field(default_factory=list)
-    """Stages a resumed job took from an earlier run (see :mod:`lplr_dask.job`)."""
+    """Stages a resumed job took from an earlier run (see :mod:`lplr_dask.core.job`)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -173,7 +173,7 @@ def make_config(
     """Validate parameters and build the quantizers of ``method`` (see :func:`compress`).
 
     ``block_shape`` is A's canonical block grid (``InputMatrix.block_shape``); by default
-    :func:`lplr_dask.inputs.canonical_block_shape` of ``shape`` and ``group_size``. It fixes
+    :func:`lplr_dask.storage.inputs.canonical_block_shape` of ``shape`` and ``group_size``. It fixes
     the stored chunk shapes, hence the bytes that :meth:`CompressionConfig.nbytes` counts.
     """
     if method not in METHODS:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from .engine import StageCallback
-from .job import CompressionJob
-from .params import DEFAULT_GROUP_SIZE, CompressionResult
+from lplr_dask.core.engine import StageCallback
+from lplr_dask.core.job import CompressionJob
+from lplr_dask.core.params import DEFAULT_GROUP_SIZE, CompressionResult
 
 __all__ = ["compress"]
 
@@ -61,7 +61,7 @@ def compress(
         (or for ``nq``).
     budget : float, optional
         Bits per entry of A: choose rank and bit widths so that ``bits_per_entry <= budget``
-        with the lowest error (see :func:`lplr_dask.budget.choose_config`).
+        with the lowest error (see :func:`lplr_dask.core.search.choose_config`).
     bits_left, bits_right : int, optional
         B and B′: bits per entry of L and R, 1–8, or 16 for float16. Default 8 (the paper's).
     bits_matrix : int, optional
@@ -81,7 +81,7 @@ def compress(
     block_shape : (int, int), optional
         The canonical block grid of the computation, and the chunk shape of the stored
         factors. Default: at most 4096 × 4096, in nearly equal blocks (see
-        :func:`lplr_dask.inputs.canonical_block_shape`).
+        :func:`lplr_dask.storage.inputs.canonical_block_shape`).
     max_rank : int, default 512
         Largest rank the budget search considers.
     overwrite : bool, default False
@@ -89,7 +89,7 @@ def compress(
     resume : bool, default False
         Keep the intermediate results of finished stages if the run fails, and reuse those of
         an earlier failed run with the same input (fingerprint) and parameters; the result is
-        byte-identical to an uninterrupted run. See :mod:`lplr_dask.job`.
+        byte-identical to an uninterrupted run. See :mod:`lplr_dask.core.job`.
     verify : bool, default False
         Also check the reported error by an independent blockwise pass over A and the stored
         codes (one more pass) before publishing.

@@ -43,9 +43,8 @@ import numpy as np
 import zarr
 from dask.base import tokenize
 
-from ._array import to_numpy
-from ._version import __version__
-from .engine import (
+from lplr_dask._version import __version__
+from lplr_dask.core.engine import (
     StageCallback,
     Stages,
     gram,
@@ -56,17 +55,7 @@ from .engine import (
     sketch_matrix,
     sketch_with_norms,
 )
-from .errors import (
-    JobBusyError,
-    LPLRError,
-    OutputExistsError,
-    ParameterError,
-    VerificationError,
-)
-from .fs import check_output_path, owned_sibling, publish, write_json_atomic
-from .inputs import InputMatrix, missing_chunk_keys, open_input
-from .linalg import gram_pinv, top_eigenvectors
-from .methods import (
+from lplr_dask.core.methods import (
     ROTATED_METHODS,
     basis_rotation,
     check_finite_input,
@@ -75,21 +64,32 @@ from .methods import (
     quantize_matrix,
     times,
 )
-from .params import (
+from lplr_dask.core.params import (
     DEFAULT_GROUP_SIZE,
     METHODS,
     CompressionConfig,
     CompressionResult,
     make_config,
 )
-from .random import STREAM_LPLR_SVD_MIX, block_generator
-from .storage import (
+from lplr_dask.errors import (
+    JobBusyError,
+    LPLRError,
+    OutputExistsError,
+    ParameterError,
+    VerificationError,
+)
+from lplr_dask.kernels.linalg import gram_pinv, top_eigenvectors
+from lplr_dask.kernels.random import STREAM_LPLR_SVD_MIX, block_generator
+from lplr_dask.kernels.xp import to_numpy
+from lplr_dask.storage.format import (
     FORMAT_VERSION,
     bytes_on_disk,
     create_factor,
     read_metadata,
     write_metadata,
 )
+from lplr_dask.storage.fs import check_output_path, owned_sibling, publish, write_json_atomic
+from lplr_dask.storage.inputs import InputMatrix, missing_chunk_keys, open_input
 
 __all__ = ["STAGES", "CompressionJob", "JobBusyError", "StageRecord", "VerificationError"]
 
@@ -164,7 +164,7 @@ class CompressionJob:
 
     Create it with :meth:`create` (validates everything that can be checked without reading
     A), then call :meth:`run_stage` for each name in :attr:`stages`, or :meth:`run` for all.
-    ``result`` holds the :class:`~lplr_dask.params.CompressionResult` once ``publish`` is done.
+    ``result`` holds the :class:`~lplr_dask.core.params.CompressionResult` once ``publish`` is done.
 
     Attributes
     ----------
@@ -440,7 +440,7 @@ class CompressionJob:
                 shape=self.matrix.shape, rank=rank, block_shape=self.matrix.block_shape, **p
             )
         else:
-            from .budget import choose_config
+            from lplr_dask.core.search import choose_config
 
             cfg, search = choose_config(
                 self.matrix, budget=self.budget, max_rank=self.max_rank, stages=self.engine, **p
@@ -557,7 +557,7 @@ class CompressionJob:
         on_disk = _check_stored_bytes(self.out_tmp, cfg.nbytes(self.matrix.shape))
         values = {"rel_fro_error": rel, "bytes_on_disk": on_disk}
         if self.verify:
-            from .reader import relative_error
+            from lplr_dask.storage.reader import relative_error
 
             # The reader opens the group through its metadata; publish rewrites it with the
             # final timings.

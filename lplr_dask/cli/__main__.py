@@ -1,0 +1,5 @@
+import sys
+
+from lplr_dask.cli.main import main
+
+sys.exit(main())
