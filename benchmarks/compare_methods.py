@@ -75,7 +75,7 @@ import numpy as np
 import zarr
 
 from lplr_dask import ParameterError, compress
-from lplr_dask.core.params import make_config
+from lplr_dask.core.params import CompressionOptions
 from lplr_dask.storage.reader import relative_error
 
 BUDGETS = (1.0, 2.0, 4.0)
@@ -152,13 +152,10 @@ def _min_bits(message: str, src: Path, method: str, kwargs: dict) -> float | Non
     library's own accounting), otherwise parsed from the error message (4 decimals)."""
     if method == "nq":
         shape = zarr.open_array(str(src), mode="r").shape
-        cfg = make_config(
-            method="nq",
-            shape=shape,
-            rank=None,
-            bits_matrix=1,
-            group_size=kwargs.get("group_size", 128),
+        opts = CompressionOptions(
+            method="nq", bits_matrix=1, group_size=kwargs.get("group_size", 128)
         )
+        cfg = opts.resolve(shape)
         return cfg.bits_per_entry(shape)
     m = re.search(r"needs ([0-9.]+) bits per entry", message)
     return float(m.group(1)) if m else None

@@ -3,7 +3,8 @@
 The public API::
 
     compress(source, output, *, rank=..., budget=..., method="lplr", ...) -> CompressionResult
-    CompressionJob.create(source, output, ..., resume=True)   # the same, stage by stage
+    CompressionOptions(method=..., rank=..., ...)   # the same options as one validated object
+    CompressionJob.create(source, output, options, resume=True)  # the same, stage by stage
     compress_checkpoint(src, dst, *, budget, method="auto") / restore_checkpoint(dst, out)
     lplr_dask.storage.reader.open_compressed(path) -> CompressedMatrix  # L, R, matvec
     lplr_dask.storage.reader.relative_error(source, path) -> float      # independent check
@@ -11,10 +12,10 @@ The public API::
 """
 
 from lplr_dask._version import __version__
-from lplr_dask.checkpoint.run import compress_checkpoint, restore_checkpoint
+from lplr_dask.checkpoint import compress_checkpoint, restore_checkpoint
 from lplr_dask.core.compress import compress
 from lplr_dask.core.job import CompressionJob
-from lplr_dask.core.params import METHODS, CompressionResult
+from lplr_dask.core.params import METHODS, CompressionOptions, CompressionResult
 from lplr_dask.errors import (
     ConfigError,
     InputError,
@@ -29,6 +30,7 @@ from lplr_dask.kernels.quantize import QuantizerSpec
 __all__ = [
     "METHODS",
     "CompressionJob",
+    "CompressionOptions",
     "CompressionResult",
     "ConfigError",
     "InputError",

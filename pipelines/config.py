@@ -9,7 +9,7 @@ parameters and the Dask cluster::
     generate:                     # optional: write missing inputs (demo data)
       shape: [4096, 4096]
     output_dir: "${LPLR_DATA:-/tmp/lplr-demo}/out"
-    compression: {method: lplr, budget: 1.0, seed: 0}
+    compression: {method: lplr, budget: 1.0, seed: 0}   # CompressionOptions' fields
     cluster: {kind: local, n_workers: 2, threads_per_worker: 1, memory_limit: 2GiB}
     resume: true
     verify: false
@@ -32,12 +32,11 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
-from lplr_dask.core.params import DEFAULT_GROUP_SIZE, METHODS
-from lplr_dask.errors import ConfigError
+from lplr_dask.core.params import CompressionOptions
+from lplr_dask.errors import ConfigError, ParameterError
 
 __all__ = [
     "ClusterConfig",
-    "CompressionParams",
     "DatasetSpec",
     "FlowConfig",
     "InputsSpec",
@@ -117,45 +116,6 @@ class ClusterConfig:
 
 
 @dataclass(frozen=True)
-class CompressionParams:
-    """The keyword arguments of :func:`lplr_dask.compress` (see it for their meaning)."""
-
-    method: str = "lplr"
-    rank: int | None = None
-    budget: float | None = None
-    bits_left: int | None = None
-    bits_right: int | None = None
-    bits_matrix: int | None = None
-    group_size: int = DEFAULT_GROUP_SIZE
-    n_oversamples: int = 0
-    n_power_iter: int | None = None
-    seed: int = 0
-    rounding: str = "nearest"
-    block_shape: tuple[int, int] | None = None
-    max_rank: int = 512
-    allow_missing_chunks: bool = False
-
-    def __post_init__(self):
-        if self.method not in METHODS:
-            raise ConfigError(
-                f"compression.method={self.method!r} is unknown; use one of {', '.join(METHODS)}."
-            )
-        if self.rank is not None and self.budget is not None:
-            raise ConfigError("compression: give rank or budget, not both.")
-        if self.method != "nq" and self.rank is None and self.budget is None:
-            raise ConfigError(
-                f"compression: method {self.method!r} needs rank: M or budget: BITS_PER_ENTRY."
-            )
-        if self.budget is not None and self.budget <= 0:
-            raise ConfigError(f"compression.budget={self.budget} must be positive.")
-        if self.rounding not in ("nearest", "stochastic"):
-            raise ConfigError(f"compression.rounding={self.rounding!r}; use nearest or stochastic.")
-
-    def kwargs(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
-
-
-@dataclass(frozen=True)
 class DatasetSpec:
     """A synthetic low-rank-plus-noise matrix written where an input is missing (demos).
 
@@ -179,9 +139,8 @@ class DatasetSpec:
     def ensure(self, path: str) -> bool:
         """Write the matrix at ``path`` unless something is there; True if it was written.
         Written under a temporary name and renamed, so a crash leaves no half matrix."""
-        from lplr_dask.storage.fs import publish, temporary_output
-
         from lplr_dask.datasets import low_rank_plus_noise
+        from lplr_dask.storage.fs import publish, temporary_output
 
         dest = Path(path)
         if dest.exists():
@@ -248,13 +207,14 @@ class FlowConfig:
 
     inputs: InputsSpec
     output_dir: str
-    compression: CompressionParams = field(default_factory=lambda: CompressionParams(budget=1.0))
+    compression: CompressionOptions = field(default_factory=lambda: CompressionOptions(budget=1.0))
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     generate: DatasetSpec | None = None
     name: str = "lplr"
     resume: bool = True
     verify: bool = False
     overwrite: bool = False
+    allow_missing_chunks: bool = False
 
     def jobs(self) -> list[tuple[str, str]]:
         """(input, output) pairs: OUTPUT is ``output_dir/NAME.lplr.zarr``; group members are
@@ -342,7 +302,12 @@ def _build(cls, value, where: str):
     ]
     if missing:
         raise ConfigError(f"{where or 'the configuration'} needs {', '.join(missing)}.")
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except ParameterError as exc:  # CompressionOptions validates its own fields
+        raise ConfigError(f"{where or 'the configuration'}: {exc}") from None
 
 
 def parse_config(mapping, *, source: str = "<config>") -> FlowConfig:

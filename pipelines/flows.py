@@ -33,14 +33,9 @@ from prefect.artifacts import (
 from prefect.cache_policies import NONE
 
 from lplr_dask.core.job import STAGES, CompressionJob
+from lplr_dask.core.params import CompressionOptions
 from lplr_dask.errors import LPLRError
-from pipelines.config import (
-    ClusterConfig,
-    CompressionParams,
-    FlowConfig,
-    expand,
-    load_config,
-)
+from pipelines.config import ClusterConfig, FlowConfig, expand, load_config
 
 __all__ = ["IO_RETRY", "BatchFailed", "compress_matrices", "compress_matrix"]
 
@@ -93,16 +88,23 @@ class _Progress:
 def open_job(
     source: str,
     output: str,
-    compression: CompressionParams,
+    compression: CompressionOptions,
     *,
     overwrite: bool,
     resume: bool,
     verify: bool,
+    allow_missing_chunks: bool,
 ) -> CompressionJob:
     """Open the input, check OUTPUT and the parameters, and take the job's work directory."""
     logger = get_run_logger()
     job = CompressionJob.create(
-        source, output, **compression.kwargs(), overwrite=overwrite, resume=resume, verify=verify
+        source,
+        output,
+        compression,
+        overwrite=overwrite,
+        resume=resume,
+        verify=verify,
+        allow_missing_chunks=allow_missing_chunks,
     )
     done = job.open()
     logger.info(
@@ -188,11 +190,12 @@ def _report(job: CompressionJob, result: dict, stage_rows: list[dict], dashboard
 def compress_matrix(
     source: str,
     output: str,
-    compression: CompressionParams = CompressionParams(budget=1.0),  # noqa: B008
+    compression: CompressionOptions = CompressionOptions(budget=1.0),  # noqa: B008
     cluster: ClusterConfig = ClusterConfig(),  # noqa: B008
     overwrite: bool = False,
     resume: bool = True,
     verify: bool = False,
+    allow_missing_chunks: bool = False,
 ) -> dict:
     """Compress one matrix (Zarr array or .npy) into OUTPUT with lplr-dask.
 
@@ -200,8 +203,8 @@ def compress_matrix(
     ----------
     source, output : str
         INPUT and OUTPUT of ``lplr compress``.
-    compression : CompressionParams
-        method, rank or budget, bits, seed, ... (see :func:`lplr_dask.compress`).
+    compression : CompressionOptions
+        method, rank or budget, bits, seed, ... (:class:`lplr_dask.CompressionOptions`).
     cluster : ClusterConfig
         A new local cluster (default), a LocalCUDACluster, or a scheduler address.
     overwrite : bool, default False
@@ -209,6 +212,8 @@ def compress_matrix(
         Reuse the stages an earlier crashed run finished (same input and parameters).
     verify : bool, default False
         Also check the error by an independent pass over A before publishing.
+    allow_missing_chunks : bool, default False
+        Read chunks missing from a Zarr INPUT as its fill value instead of refusing it.
 
     Returns
     -------
@@ -216,7 +221,15 @@ def compress_matrix(
         :meth:`lplr_dask.CompressionResult.to_dict`.
     """
     logger = get_run_logger()
-    job = open_job(source, output, compression, overwrite=overwrite, resume=resume, verify=verify)
+    job = open_job(
+        source,
+        output,
+        compression,
+        overwrite=overwrite,
+        resume=resume,
+        verify=verify,
+        allow_missing_chunks=allow_missing_chunks,
+    )
     progress = _Progress(job, key="lplr-progress")
     job.engine.on_stage = progress.on_stage
     stage_rows = []
@@ -304,6 +317,7 @@ def compress_matrices(config_path: str | None = None, config: FlowConfig | None 
                 overwrite=cfg.overwrite,
                 resume=cfg.resume,
                 verify=cfg.verify,
+                allow_missing_chunks=cfg.allow_missing_chunks,
                 return_state=True,
             )
             if state.is_completed():

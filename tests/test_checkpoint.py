@@ -27,7 +27,7 @@ from lplr_dask.checkpoint import (  # noqa: E402
     restore_checkpoint,
     shard_checkpoint,
 )
-from lplr_dask.checkpoint import run as ck  # noqa: E402
+from lplr_dask.checkpoint import measure as ck  # noqa: E402
 from lplr_dask.checkpoint.policy import TensorPolicy  # noqa: E402
 from lplr_dask.errors import (  # noqa: E402
     InputError,

@@ -33,7 +33,7 @@ from lplr_dask.checkpoint import (
     plan_checkpoint,
     restore_checkpoint,
 )
-from lplr_dask.checkpoint import run as ck
+from lplr_dask.checkpoint import measure as ck
 from lplr_dask.checkpoint.policy import TensorPolicy
 from lplr_dask.errors import (
     InputError,

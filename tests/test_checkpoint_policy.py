@@ -15,7 +15,7 @@ from lplr_dask.checkpoint.policy import (
     method_candidate,
     nq_bits_for_budget,
 )
-from lplr_dask.core.params import make_config
+from lplr_dask.core.params import CompressionOptions
 from lplr_dask.errors import ParameterError
 
 
@@ -81,7 +81,7 @@ def test_auto_candidates_hold_every_single_method():
         for m in ("nq", "lplr", "paper", "nq+lplr"):
             c = method_candidate(m, shape, budget=b, group_size=128, seed=0)
             assert c is not None and c.key in cands, (m, b)
-            assert cands[c.key].kwargs == c.kwargs
+            assert cands[c.key].options == c.options
     assert {f"nq-q{b}-g128" for b in range(1, 9)} <= set(cands)
 
 
@@ -90,7 +90,7 @@ def test_nq_bits_for_budget_is_exact():
     assert nq_bits_for_budget((256, 256), budget=4.25, group_size=128) == 4
     assert nq_bits_for_budget((256, 256), budget=4.24, group_size=128) == 3
     assert nq_bits_for_budget((256, 256), budget=1.2, group_size=128) is None
-    cfg = make_config(method="nq", shape=(256, 256), rank=None, bits_matrix=3, group_size=128)
+    cfg = CompressionOptions(method="nq", bits_matrix=3, group_size=128).resolve((256, 256))
     assert cfg.bits_per_entry((256, 256)) == 3.25
 
 

@@ -183,7 +183,8 @@ def test_deployment_end_to_end(prefect_server, matrix, tmp_path):
 def test_killed_worker_during_projection_same_codes(prefect_server, matrix, tmp_path):
     """SIGKILL one of two Dask worker processes while the projection stage runs: the flow
     still completes on the other worker, with codes identical to an undisturbed run."""
-    from pipelines.config import ClusterConfig, CompressionParams
+    from lplr_dask import CompressionOptions
+    from pipelines.config import ClusterConfig
     from pipelines.flows import compress_matrix
 
     src, reference = matrix
@@ -211,7 +212,7 @@ def test_killed_worker_during_projection_same_codes(prefect_server, matrix, tmp_
         result = compress_matrix(
             src,
             str(out),
-            compression=CompressionParams(**{**PARAMS, "block_shape": BLOCK}),
+            compression=CompressionOptions(**{**PARAMS, "block_shape": BLOCK}),
             cluster=ClusterConfig(kind="address", address=dask.address),
         )
         t.join(5)
@@ -264,7 +265,8 @@ def test_flow_artifacts_and_stage_task_runs(prefect_server, matrix, tmp_path):
     """compress-matrix in this process on a LocalCluster of ONE single-threaded worker (the
     shape of LocalCUDACluster on one GPU, where get_dask_client() inside a task hangs): it
     completes, every stage is a task run and the three artifacts are published."""
-    from pipelines.config import ClusterConfig, CompressionParams
+    from lplr_dask import CompressionOptions
+    from pipelines.config import ClusterConfig
     from pipelines.flows import compress_matrix
 
     src, reference = matrix
@@ -272,7 +274,7 @@ def test_flow_artifacts_and_stage_task_runs(prefect_server, matrix, tmp_path):
     state = compress_matrix(
         src,
         str(out),
-        compression=CompressionParams(**{**PARAMS, "block_shape": BLOCK}),
+        compression=CompressionOptions(**{**PARAMS, "block_shape": BLOCK}),
         cluster=ClusterConfig(kind="local", n_workers=1, threads_per_worker=1),
         verify=True,
         return_state=True,

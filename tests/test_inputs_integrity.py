@@ -19,7 +19,7 @@ import pytest
 import zarr
 from conftest import known_spectrum, tree_digest
 
-from lplr_dask import compress
+from lplr_dask import CompressionOptions, compress
 from lplr_dask.core.job import CompressionJob
 from lplr_dask.errors import DamagedInputError, InputError, VerificationError
 from lplr_dask.storage.format import bytes_on_disk
@@ -183,7 +183,9 @@ def test_missing_chunk_check_covers_other_stores_and_shards(tmp_path, matrix):
 def test_allow_missing_chunks_is_part_of_the_job_key(tmp_path, matrix):
     src = write_input(tmp_path / "A.zarr", matrix)
     keys = {
-        CompressionJob.create(src, tmp_path / "o.zarr", rank=4, allow_missing_chunks=flag).key
+        CompressionJob.create(
+            src, tmp_path / "o.zarr", CompressionOptions(rank=4), allow_missing_chunks=flag
+        ).key
         for flag in (False, True)
     }
     assert len(keys) == 2
@@ -324,10 +326,9 @@ def test_checkpoint_policy_counts_the_honest_bytes():
     """The policy's exact bits are the stored ones: on 4097 × 130, 2-bit group-wise codes
     take 33 bytes per row (130 codes) plus two float32 scales, over 4098 stored rows."""
     from lplr_dask.checkpoint.policy import nq_bits_for_budget
-    from lplr_dask.core.params import make_config
 
     shape = (4097, 130)
-    cfg = make_config(method="nq", shape=shape, rank=None, bits_matrix=2, group_size=128)
+    cfg = CompressionOptions(method="nq", bits_matrix=2, group_size=128).resolve(shape)
     assert cfg.block_shape == (2049, 130)
     assert cfg.nbytes(shape) == 4098 * (33 + 2 * 4)
     assert cfg.bits_per_entry(shape) > 2.5
@@ -350,7 +351,9 @@ def test_verify_stage_refuses_missing_and_extra_chunks(tmp_path, matrix):
         ),
     ):
         out = tmp_path / "o.zarr"
-        job = CompressionJob.create(src, out, rank=8, block_shape=(100, 64), group_size=64)
+        job = CompressionJob.create(
+            src, out, CompressionOptions(rank=8, block_shape=(100, 64), group_size=64)
+        )
         job.open()
         for name in job.stages[: job.stages.index("verify")]:
             job.run_stage(name)

@@ -12,7 +12,7 @@ import pytest
 import zarr
 from conftest import group_digest, write_zarr
 
-from lplr_dask import compress
+from lplr_dask import CompressionOptions, compress
 from lplr_dask.core.job import STAGES, CompressionJob, JobBusyError, input_fingerprint
 
 KW = dict(rank=20, bits_left=4, bits_right=4, seed=2, block_shape=(512, 256))
@@ -36,7 +36,9 @@ def test_resume_after_crash_reuses_stages_and_writes_identical_codes(
 ):
     ref = compress(decaying_zarr, tmp_path / "ref.zarr", method=method, **kw)
     out = tmp_path / "out.zarr"
-    job = CompressionJob.create(decaying_zarr, out, method=method, resume=True, **kw)
+    job = CompressionJob.create(
+        decaying_zarr, out, CompressionOptions(method=method, **kw), resume=True
+    )
     job.open()
     for name in job.stages[: job.stages.index(crash_after) + 1]:
         job.run_stage(name)
@@ -44,7 +46,9 @@ def test_resume_after_crash_reuses_stages_and_writes_identical_codes(
     (work,) = _work_dirs(out)
     records = {p.name: p.stat().st_mtime_ns for p in (work / "stages").iterdir()}
 
-    again = CompressionJob.create(decaying_zarr, out, method=method, resume=True, **kw)
+    again = CompressionJob.create(
+        decaying_zarr, out, CompressionOptions(method=method, **kw), resume=True
+    )
     assert again.work_dir == work  # same input and parameters: same key
     done = again.open()
     assert done == list(again.stages[: again.stages.index(crash_after) + 1])
@@ -60,20 +64,23 @@ def test_resume_after_crash_reuses_stages_and_writes_identical_codes(
 def test_changed_input_or_parameters_do_not_reuse(tmp_path, decaying):
     src = write_zarr(tmp_path / "A.zarr", decaying, (300, 256))
     out = tmp_path / "out.zarr"
-    job = CompressionJob.create(src, out, resume=True, **KW)
+    job = CompressionJob.create(src, out, CompressionOptions(**KW), resume=True)
     job.open()
     job.run_stage("plan")
-    assert CompressionJob.create(src, out, resume=True, **{**KW, "seed": 3}).key != job.key
+    assert (
+        CompressionJob.create(src, out, CompressionOptions(**{**KW, "seed": 3}), resume=True).key
+        != job.key
+    )
     z = zarr.open_array(src, mode="r+")
     z[0, 0] = z[0, 0] + 1  # rewrites one chunk file: the fingerprint changes
-    changed = CompressionJob.create(src, out, resume=True, **KW)
+    changed = CompressionJob.create(src, out, CompressionOptions(**KW), resume=True)
     assert changed.key != job.key
     assert changed.open() == []
 
 
 def test_fingerprint_depends_on_files_not_on_reading_them(tmp_path, decaying):
     src = write_zarr(tmp_path / "A.zarr", decaying, (300, 256))
-    job = CompressionJob.create(src, tmp_path / "o.zarr", **KW)
+    job = CompressionJob.create(src, tmp_path / "o.zarr", CompressionOptions(**KW))
     f1 = input_fingerprint(job.matrix)
     np.asarray(zarr.open_array(src, mode="r")[:])  # reading changes nothing
     assert input_fingerprint(job.matrix) == f1
@@ -104,7 +111,7 @@ def test_failure_with_resume_keeps_finished_stages(tmp_path, decaying):
 
 def test_live_lock_refuses_a_second_run(tmp_path, decaying_zarr):
     out = tmp_path / "out.zarr"
-    job = CompressionJob.create(decaying_zarr, out, resume=True, **KW)
+    job = CompressionJob.create(decaying_zarr, out, CompressionOptions(**KW), resume=True)
     job.open()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
@@ -112,12 +119,12 @@ def test_live_lock_refuses_a_second_run(tmp_path, decaying_zarr):
             json.dumps({"host": os.uname().nodename, "pid": sleeper.pid})
         )
         with pytest.raises(JobBusyError, match=f"Process {sleeper.pid}"):
-            CompressionJob.create(decaying_zarr, out, resume=True, **KW).open()
+            CompressionJob.create(decaying_zarr, out, CompressionOptions(**KW), resume=True).open()
     finally:
         sleeper.kill()
         sleeper.wait()
     # The holder is dead now: its lock is taken over.
-    CompressionJob.create(decaying_zarr, out, resume=True, **KW).run()
+    CompressionJob.create(decaying_zarr, out, CompressionOptions(**KW), resume=True).run()
     assert out.exists()
 
 
@@ -129,7 +136,7 @@ def test_verify_runs_an_independent_pass(tmp_path, decaying_zarr):
 
 
 def test_stage_order_is_enforced(tmp_path, decaying_zarr):
-    job = CompressionJob.create(decaying_zarr, tmp_path / "o.zarr", **KW)
+    job = CompressionJob.create(decaying_zarr, tmp_path / "o.zarr", CompressionOptions(**KW))
     job.open()
     with pytest.raises(RuntimeError, match="needs 'plan' first"):
         job.run_stage("sketch")
@@ -140,7 +147,9 @@ def test_stage_order_is_enforced(tmp_path, decaying_zarr):
 
 
 def test_nq_jobs_have_no_low_rank_stages(tmp_path, decaying_zarr):
-    job = CompressionJob.create(decaying_zarr, tmp_path / "o.zarr", method="nq", bits_matrix=3)
+    job = CompressionJob.create(
+        decaying_zarr, tmp_path / "o.zarr", CompressionOptions(method="nq", bits_matrix=3)
+    )
     assert job.stages == ("plan", "quantize-matrix", "verify", "publish")
 
 
@@ -148,7 +157,7 @@ def test_resume_after_a_kill_inside_publish_keeps_the_published_result(tmp_path,
     """Killed after its result became OUTPUT and before the work directory was removed: the
     rerun must not publish the (now empty) work directory over the good OUTPUT."""
     out = tmp_path / "out.zarr"
-    job = CompressionJob.create(decaying_zarr, out, resume=True, **KW)
+    job = CompressionJob.create(decaying_zarr, out, CompressionOptions(**KW), resume=True)
     job.open()
     for name in job.stages[:-1]:
         job.run_stage(name)
@@ -157,7 +166,9 @@ def test_resume_after_a_kill_inside_publish_keeps_the_published_result(tmp_path,
     published = group_digest(out)
     assert _work_dirs(out) and not (job.out_tmp / "zarr.json").exists()
 
-    again = CompressionJob.create(decaying_zarr, out, resume=True, overwrite=True, **KW)
+    again = CompressionJob.create(
+        decaying_zarr, out, CompressionOptions(**KW), resume=True, overwrite=True
+    )
     res = again.run()
     assert res.reused_stages == list(again.stages[:-1])
     assert group_digest(out) == published
@@ -173,8 +184,9 @@ def test_killed_run_without_resume_leaves_nothing_for_the_next_writer(tmp_path, 
     out = tmp_path / "out.zarr"
     script = (
         "import os, sys\n"
-        "from lplr_dask.core.job import CompressionJob\n"
-        f"job = CompressionJob.create({str(decaying_zarr)!r}, {str(out)!r}, rank=8)\n"
+        "from lplr_dask import CompressionJob, CompressionOptions\n"
+        f"job = CompressionJob.create({str(decaying_zarr)!r}, {str(out)!r}, "
+        "CompressionOptions(rank=8))\n"
         "job.open()\n"
         "for name in job.stages[:3]:\n"
         "    job.run_stage(name)\n"

@@ -21,7 +21,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lplr_dask.core.params import METHODS, make_config
+from lplr_dask.core.params import METHODS, CompressionOptions
 from lplr_dask.errors import ParameterError
 
 __all__ = [
@@ -202,21 +202,26 @@ def classify(name: str, shape: Sequence[int], dtype: str, policy: TensorPolicy) 
 
 @dataclass(frozen=True)
 class Candidate:
-    """One configuration to measure on a tensor: ``kwargs`` for :func:`lplr_dask.compress`.
+    """One configuration to measure on a tensor: the options of :func:`lplr_dask.compress`.
 
     ``key`` names it in the work directory (the same configuration has the same key in every
-    plan, which is what lets one measurement serve several budgets and methods).
+    plan, which is what lets one measurement serve several budgets and methods); it is made
+    from the fields given, validated by :class:`~lplr_dask.core.params.CompressionOptions`.
     """
 
     key: str
-    kwargs: dict
+    options: CompressionOptions
+
+    @classmethod
+    def of(cls, **fields) -> Candidate:
+        return cls(_key(fields), CompressionOptions.of(None, **fields))
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "kwargs": dict(self.kwargs)}
+        return {"key": self.key, "options": self.options.to_dict()}
 
     @classmethod
     def from_dict(cls, d: Mapping) -> Candidate:
-        return cls(d["key"], dict(d["kwargs"]))
+        return cls(d["key"], CompressionOptions.from_dict(d["options"]))
 
 
 def _fmt(b: float) -> str:
@@ -242,10 +247,8 @@ def _key(kwargs: Mapping) -> str:
 def nq_bits_for_budget(shape, *, budget: float, group_size: int, seed: int = 0) -> int | None:
     """The largest ``nq`` bit width (1–8) whose exact bits per entry fit ``budget``, or None."""
     for bits in sorted(NQ_BITS, reverse=True):
-        cfg = make_config(
-            method="nq", shape=shape, rank=None, bits_matrix=bits, group_size=group_size, seed=seed
-        )
-        if cfg.bits_per_entry(shape) <= budget:
+        opts = CompressionOptions(method="nq", bits_matrix=bits, group_size=group_size, seed=seed)
+        if opts.resolve(shape).bits_per_entry(shape) <= budget:
             return bits
     return None
 
@@ -253,17 +256,17 @@ def nq_bits_for_budget(shape, *, budget: float, group_size: int, seed: int = 0) 
 def _cheapest_bits(method: str, shape, *, group_size: int, seed: int) -> float:
     """Bits per entry of the cheapest configuration ``compress(method=..., budget=...)`` can
     pick on ``shape`` (rank 1 at the fewest bits), to reject infeasible budgets up front."""
-    kw = dict(shape=shape, group_size=group_size, seed=seed)
+    kw = dict(group_size=group_size, seed=seed)
     if method == "nq":
-        return make_config(method="nq", rank=None, bits_matrix=1, **kw).bits_per_entry(shape)
-    if method == "paper":
-        return make_config(method="paper", rank=1, bits_left=8, bits_right=8, **kw).bits_per_entry(
-            shape
+        opts = CompressionOptions(method="nq", bits_matrix=1, **kw)
+    elif method == "paper":
+        opts = CompressionOptions(method="paper", rank=1, bits_left=8, bits_right=8, **kw)
+    else:
+        bm = 1 if method == "nq+lplr" else None
+        opts = CompressionOptions(
+            method=method, rank=1, bits_left=1, bits_right=1, bits_matrix=bm, **kw
         )
-    bm = 1 if method == "nq+lplr" else None
-    return make_config(
-        method=method, rank=1, bits_left=1, bits_right=1, bits_matrix=bm, **kw
-    ).bits_per_entry(shape)
+    return opts.resolve(shape).bits_per_entry(shape)
 
 
 def method_candidate(
@@ -275,12 +278,10 @@ def method_candidate(
         bits = nq_bits_for_budget(shape, budget=budget, group_size=group_size, seed=seed)
         if bits is None:
             return None
-        kwargs = {"method": "nq", "bits_matrix": bits, "group_size": group_size}
-        return Candidate(_key(kwargs), kwargs)
+        return Candidate.of(method="nq", bits_matrix=bits, group_size=group_size)
     if _cheapest_bits(method, shape, group_size=group_size, seed=seed) > budget:
         return None
-    kwargs = {"method": method, "budget": float(budget), "group_size": group_size}
-    return Candidate(_key(kwargs), kwargs)
+    return Candidate.of(method=method, budget=float(budget), group_size=group_size)
 
 
 def override_candidate(spec: Mapping, shape, *, budget: float, group_size: int) -> Candidate:
@@ -295,7 +296,7 @@ def override_candidate(spec: Mapping, shape, *, budget: float, group_size: int) 
         kwargs["budget"] = float(budget)
     if kwargs["method"] == "nq" and "bits_matrix" not in kwargs and "budget" not in kwargs:
         kwargs["budget"] = float(budget)
-    return Candidate(_key(kwargs), kwargs)
+    return Candidate.of(**kwargs)
 
 
 def candidate_set(
@@ -328,31 +329,24 @@ def candidate_set(
             out.setdefault(c.key, c)
 
     for bits in NQ_BITS:
-        kwargs = {"method": "nq", "bits_matrix": bits, "group_size": group_size}
-        add(Candidate(_key(kwargs), kwargs))
+        add(Candidate.of(method="nq", bits_matrix=bits, group_size=group_size))
     for b in sorted({float(budget), *(float(x) for x in candidate_budgets)}):
         for m in ("nq", "lplr", "paper", "nq+lplr"):
             add(method_candidate(m, shape, budget=b, group_size=group_size, seed=seed))
     rank = max(1, min(shape) // 16)
     for r in sorted({rank, max(1, min(shape) // 8)}):  # cheap low-rank points (< 1 bit)
-        kwargs = {
-            "method": "lplr",
-            "rank": r,
-            "bits_left": 4,
-            "bits_right": 4,
-            "group_size": group_size,
-        }
-        add(Candidate(_key(kwargs), kwargs))
+        add(Candidate.of(method="lplr", rank=r, bits_left=4, bits_right=4, group_size=group_size))
     for bm in (2, 3, 4):
-        kwargs = {
-            "method": "nq+lplr",
-            "bits_matrix": bm,
-            "rank": rank,
-            "bits_left": 4,
-            "bits_right": 4,
-            "group_size": group_size,
-        }
-        add(Candidate(_key(kwargs), kwargs))
+        add(
+            Candidate.of(
+                method="nq+lplr",
+                bits_matrix=bm,
+                rank=rank,
+                bits_left=4,
+                bits_right=4,
+                group_size=group_size,
+            )
+        )
     return list(out.values())
 
 

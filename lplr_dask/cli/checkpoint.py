@@ -73,8 +73,8 @@ def _summary(s: dict) -> list[str]:
 
 
 def cmd_compress(args) -> int:
+    from lplr_dask.checkpoint import compress_checkpoint, plan_checkpoint
     from lplr_dask.checkpoint.policy import TensorPolicy
-    from lplr_dask.checkpoint.run import compress_checkpoint, plan_checkpoint
     from lplr_dask.storage.fs import check_output_path
 
     policy = TensorPolicy(
@@ -118,7 +118,8 @@ def cmd_compress(args) -> int:
 def cmd_restore(args) -> int:
     import time
 
-    from lplr_dask.checkpoint.run import index_is_checked, restore_checkpoint
+    from lplr_dask.checkpoint import restore_checkpoint
+    from lplr_dask.checkpoint.index import index_is_checked
 
     recover_output(args.dst)
     t0 = time.perf_counter()
@@ -144,7 +145,7 @@ _UNCHECKED = (
 
 
 def cmd_info(args) -> int:
-    from lplr_dask.checkpoint.run import checkpoint_info, tensor_table
+    from lplr_dask.checkpoint import checkpoint_info, tensor_table
 
     recover_output(args.dst)
     info = checkpoint_info(args.dst)

@@ -13,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import fields
 from pathlib import Path
 
 from lplr_dask._version import __version__
@@ -25,6 +26,7 @@ from lplr_dask.cli.common import (
     recover_output,
     show_progress,
 )
+from lplr_dask.core.params import METHODS, ROUNDINGS, CompressionOptions
 from lplr_dask.errors import LPLRError, ParameterError
 
 __all__ = ["main"]
@@ -43,12 +45,78 @@ def _summary_lines(r: dict) -> list[str]:
     ]
 
 
+OPTION_FLAGS = {
+    "rank": dict(type=int, metavar="M", help="m, the inner dimension of L·R"),
+    "budget": dict(
+        type=float,
+        metavar="BITS_PER_ENTRY",
+        help="choose rank and bits for the lowest error within this budget",
+    ),
+    "bits_left": dict(type=int, metavar="B", help="bits per entry of L (1-8, or 16)"),
+    "bits_right": dict(type=int, metavar="B'", help="bits per entry of R (1-8, or 16)"),
+    "bits_matrix": dict(type=int, metavar="B_NQ", help="bits per entry of Q(A): nq, nq+lplr"),
+    "method": dict(
+        choices=METHODS,
+        help="auto (with --budget): the best of lplr, nq+lplr and nq on a column sample",
+    ),
+    "seed": dict(type=int),
+    "group_size": dict(
+        type=int,
+        help="entries per scale along rows of R (nq: of A); 0 = one per row (nq: per matrix)",
+    ),
+    "n_oversamples": dict(type=int),
+    "n_power_iter": dict(type=int, help="default 0 (2 for dsvd and lplr-svd)"),
+    "rounding": dict(choices=ROUNDINGS),
+    "block_shape": dict(
+        type=int,
+        nargs=2,
+        metavar=("ROWS", "COLS"),
+        help="canonical block grid of the computation and chunk shape of the factors "
+        "(default: at most 4096 4096, in nearly equal blocks)",
+    ),
+    "max_rank": dict(type=int, help="largest rank --budget considers"),
+    "passes": dict(
+        type=int,
+        choices=(1, 2),
+        help="passes over INPUT: 1 sketches range and co-range in one read (error estimated)",
+    ),
+}
+"""The flags of :class:`~lplr_dask.core.params.CompressionOptions`' fields; defaults and
+validation come from that class (a flag not given leaves the field at its default)."""
+
+
+def option_flags(p: argparse.ArgumentParser) -> None:
+    """Add a flag for every field of CompressionOptions (``--rank`` and ``--budget`` are
+    mutually exclusive)."""
+    defaults = {f.name: f.default for f in fields(CompressionOptions)}
+    assert set(OPTION_FLAGS) == set(defaults), "a CompressionOptions field has no flag"
+    size = p.add_mutually_exclusive_group()
+    for name, kw in OPTION_FLAGS.items():
+        default = defaults[name]
+        text = kw.get("help", "")
+        if default is not None:
+            text = f"{text} (default {default})" if text else f"default {default}"
+        target = size if name in ("rank", "budget") else p
+        target.add_argument(
+            "--" + name.replace("_", "-"), default=argparse.SUPPRESS, **{**kw, "help": text}
+        )
+
+
+def options_from(args) -> CompressionOptions:
+    """The validated CompressionOptions of the flags given."""
+    given = {name: getattr(args, name) for name in OPTION_FLAGS if hasattr(args, name)}
+    if "block_shape" in given:
+        given["block_shape"] = tuple(given["block_shape"])
+    return CompressionOptions.of(None, **given)
+
+
 def cmd_compress(args) -> int:
     from lplr_dask.core.compress import compress
     from lplr_dask.storage.fs import check_output_path
     from lplr_dask.storage.inputs import open_input
 
     # Fail fast, before a cluster starts, on the commonest mistakes.
+    options = options_from(args)
     matrix = open_input(args.input, allow_missing_chunks=args.allow_missing_chunks)
     check_output_path(
         args.output, overwrite=args.overwrite, inputs=[matrix.path] if matrix.path else ()
@@ -57,19 +125,7 @@ def cmd_compress(args) -> int:
         res = compress(
             args.input,
             args.output,
-            method=args.method,
-            rank=args.rank,
-            budget=args.budget,
-            bits_left=args.bits_left,
-            bits_right=args.bits_right,
-            bits_matrix=args.bits_matrix,
-            group_size=args.group_size,
-            n_oversamples=args.n_oversamples,
-            n_power_iter=args.n_power_iter,
-            seed=args.seed,
-            rounding=args.rounding,
-            block_shape=tuple(args.block_shape) if args.block_shape else None,
-            max_rank=args.max_rank,
+            options,
             overwrite=args.overwrite,
             resume=args.resume,
             verify=args.verify,
@@ -261,42 +317,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("compress", help="compress a Zarr matrix into packed low-bit factors L·R")
     p.add_argument("input", help="Zarr v3 array (or group holding one array) or .npy file")
     p.add_argument("output", help="new Zarr group for the compressed factors")
-    size = p.add_mutually_exclusive_group()
-    size.add_argument("--rank", type=int, help="m, the inner dimension of L·R")
-    size.add_argument(
-        "--budget",
-        type=float,
-        metavar="BITS_PER_ENTRY",
-        help="choose rank and bits for the lowest error within this budget",
-    )
-    p.add_argument("--bits-left", type=int, help="B: bits per entry of L (1-8, or 16)")
-    p.add_argument("--bits-right", type=int, help="B': bits per entry of R (1-8, or 16)")
-    p.add_argument("--bits-matrix", type=int, help="bits per entry of Q(A) for nq, nq+lplr")
-    p.add_argument(
-        "--method",
-        default="lplr",
-        choices=["lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr", "auto"],
-        help="auto (with --budget): the best of lplr, nq+lplr and nq on a column sample",
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--group-size",
-        type=int,
-        default=128,
-        help="entries per scale along rows of R (nq: of A); 0 = one per row (nq: per matrix)",
-    )
-    p.add_argument("--n-oversamples", type=int, default=0)
-    p.add_argument("--n-power-iter", type=int, default=None)
-    p.add_argument("--rounding", choices=["nearest", "stochastic"], default="nearest")
-    p.add_argument(
-        "--block-shape",
-        type=int,
-        nargs=2,
-        metavar=("ROWS", "COLS"),
-        help="canonical block grid of the computation and chunk shape of the factors "
-        "(default: at most 4096 4096, in nearly equal blocks)",
-    )
-    p.add_argument("--max-rank", type=int, default=512, help="largest rank --budget considers")
+    option_flags(p)
     p.add_argument("--overwrite", action="store_true", help="replace an existing OUTPUT")
     p.add_argument(
         "--resume",

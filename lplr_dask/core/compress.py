@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from lplr_dask.core.engine import StageCallback
 from lplr_dask.core.job import CompressionJob
-from lplr_dask.core.params import DEFAULT_GROUP_SIZE, CompressionResult
+from lplr_dask.core.params import CompressionOptions, CompressionResult
 
 __all__ = ["compress"]
 
@@ -12,25 +12,14 @@ __all__ = ["compress"]
 def compress(
     source,
     output,
+    options: CompressionOptions | None = None,
     *,
-    method: str = "lplr",
-    rank: int | None = None,
-    budget: float | None = None,
-    bits_left: int | None = None,
-    bits_right: int | None = None,
-    bits_matrix: int | None = None,
-    group_size: int | None = DEFAULT_GROUP_SIZE,
-    n_oversamples: int = 0,
-    n_power_iter: int | None = None,
-    seed: int = 0,
-    rounding: str = "nearest",
-    block_shape: tuple[int, int] | None = None,
-    max_rank: int = 512,
     overwrite: bool = False,
     resume: bool = False,
     verify: bool = False,
-    on_stage: StageCallback | None = None,
     allow_missing_chunks: bool = False,
+    on_stage: StageCallback | None = None,
+    **option_fields,
 ) -> CompressionResult:
     """Compress a matrix into low-rank, low-precision factors A ≈ L·R stored in Zarr.
 
@@ -48,42 +37,15 @@ def compress(
     output : str or path
         Where the compressed Zarr group goes; written under a temporary name and renamed into
         place when complete.
-    method : {"lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr", "auto"}, default "lplr"
-        ``lplr``: as above. ``paper``: Algorithm 1 with the reference quantizer (no QR,
-        per-matrix min–max). ``nq``: A quantized directly. ``dsvd``: L = Q(U_k),
-        R = Q′(Σ_k V_kᵀ) from a randomized SVD (``n_power_iter`` power iterations, 10 extra
-        columns). ``lplr-svd``: the SVD-based LPLR of the paper (Z = U_k Σ_k Ω, Ω a k × k
-        Gaussian). ``nq+lplr``: group-wise Q(A) plus LPLR of the residual A − Q(A).
-        ``auto`` (with ``budget``): the best of ``lplr``, ``nq+lplr`` and ``nq``, each scored
-        on the same column sample (one sketch pass per low-rank method more).
-    rank : int, optional
-        m, the inner dimension of L·R, 1 ≤ m < min(n, d). Required unless ``budget`` is given
-        (or for ``nq``).
-    budget : float, optional
-        Bits per entry of A: choose rank and bit widths so that ``bits_per_entry <= budget``
-        with the lowest error (see :func:`lplr_dask.core.search.choose_config`).
-    bits_left, bits_right : int, optional
-        B and B′: bits per entry of L and R, 1–8, or 16 for float16. Default 8 (the paper's).
-    bits_matrix : int, optional
-        Bits per entry of Q(A) for ``nq`` and ``nq+lplr``. Default 4.
-    group_size : int, default 128
-        Entries per scale along the rows of R (and of A for ``nq``); a multiple of 8, or 0 for
-        one scale per row of R (``nq``: one scale for the matrix).
-    n_oversamples : int, default 0
-        Extra sketch columns; the rank-m basis is then the top-m subspace of the larger sketch
-        (one more pass over A). Increase this before ``n_power_iter``.
-    n_power_iter : int, optional
-        Power iterations (two passes over A each). Default 0 (2 for ``dsvd``/``lplr-svd``).
-    seed : int, default 0
-        Seeds every random stream; the same seed and ``block_shape`` give byte-identical codes
-        for any storage tiling, worker count or backend.
-    rounding : {"nearest", "stochastic"}, default "nearest"
-    block_shape : (int, int), optional
-        The canonical block grid of the computation, and the chunk shape of the stored
-        factors. Default: at most 4096 × 4096, in nearly equal blocks (see
-        :func:`lplr_dask.storage.inputs.canonical_block_shape`).
-    max_rank : int, default 512
-        Largest rank the budget search considers.
+    options : CompressionOptions, optional
+        The method and its parameters (:class:`~lplr_dask.core.params.CompressionOptions`,
+        where each is described): ``method`` (default ``"lplr"``), ``rank`` (m), ``budget``
+        (bits per entry), ``bits_left`` (B), ``bits_right`` (B′), ``bits_matrix`` (B_nq),
+        ``group_size`` (128), ``n_oversamples`` (0), ``n_power_iter``, ``seed`` (0),
+        ``rounding`` (``"nearest"``), ``block_shape``, ``max_rank`` (512).
+    **option_fields
+        The same fields as keywords (``compress(a, out, rank=64, bits_left=4)``), replacing
+        those of ``options``; validated once, here.
     overwrite : bool, default False
         Replace an existing ``output`` (only once the new result is complete).
     resume : bool, default False
@@ -124,19 +86,7 @@ def compress(
     job = CompressionJob.create(
         source,
         output,
-        method=method,
-        rank=rank,
-        budget=budget,
-        bits_left=bits_left,
-        bits_right=bits_right,
-        bits_matrix=bits_matrix,
-        group_size=group_size,
-        n_oversamples=n_oversamples,
-        n_power_iter=n_power_iter,
-        seed=seed,
-        rounding=rounding,
-        block_shape=block_shape,
-        max_rank=max_rank,
+        CompressionOptions.of(options, **option_fields),
         overwrite=overwrite,
         resume=resume,
         verify=verify,

@@ -18,18 +18,25 @@ from dataclasses import dataclass, field
 import dask
 import dask.array as da
 import numpy as np
+from dask.array.utils import meta_from_array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 from distributed.diagnostics.plugin import WorkerPlugin
 from threadpoolctl import threadpool_limits
 
+from lplr_dask.kernels.codebooks import fit_lloyd
 from lplr_dask.kernels.packing import decode_float, encode_float
 from lplr_dask.kernels.quantize import (
     QuantizerSpec,
     block_range,
+    clip_errors,
     dequantize,
-    merge_ranges,
+    entry_histogram,
+    merge_stats,
+    pick_clipped,
     quantize,
+    range_stats,
+    stats_ranges,
 )
 from lplr_dask.kernels.random import (
     STREAM_DITHER_LEFT,
@@ -123,7 +130,7 @@ class Stages:
 
 
 def _meta_like(x):
-    return x._meta if isinstance(x, da.Array) else np.empty((0, 0))
+    return meta_from_array(x) if isinstance(x, da.Array) else np.empty((0, 0))
 
 
 def _sketch_block(seed, start, stop, k, dtype, like):
@@ -237,42 +244,81 @@ def gram(x: da.Array) -> da.Array:
     return left_multiply(x, x)
 
 
-def _range_of(block, spec):
-    lo, hi = block_range(block, spec=spec)
-    return to_numpy(lo), to_numpy(hi)
+def _stats_of(block, spec):
+    return tuple(to_numpy(v) for v in range_stats(block, spec=spec))
+
+
+def _clip_errors_of(block, spec, lo, hi):
+    return to_numpy(clip_errors(block, asarray_like(lo, block), asarray_like(hi, block), spec=spec))
+
+
+def _merged(parts, lengths, merge):
+    out, start = [], 0
+    for n in lengths:
+        acc = parts[start]
+        for p in parts[start + 1 : start + n]:
+            acc = merge(acc, p)
+        out.append(acc)
+        start += n
+    return out
 
 
 def global_ranges(x: da.Array, spec: QuantizerSpec, stages: Stages, name: str):
     """Ranges of groups that span blocks (``tensor``, ``column`` over row blocks, ``row`` over
-    column blocks): per-block partial ranges, merged on the driver. Output is float32."""
+    column blocks): per-block partial statistics, merged on the driver in a fixed order.
+    Output is float32 (values of ``spec.scale_dtype``)."""
     return global_ranges_many([x], spec, stages, name)[0]
 
 
 def global_ranges_many(xs, spec: QuantizerSpec, stages: Stages, name: str) -> list:
-    """:func:`global_ranges` of several arrays in one stage."""
+    """:func:`global_ranges` of several arrays in one stage (``"clipped"``: two, the min–max
+    ranges, then every block's per-candidate squared errors, summed, see
+    :func:`lplr_dask.kernels.quantize.pick_clipped`)."""
     blocks = [x.to_delayed().ravel() for x in xs]
-    parts = stages.compute(name, *[dask.delayed(_range_of)(b, spec) for bs in blocks for b in bs])
-    out, start = [], 0
-    for bs in blocks:
-        lo, hi = parts[start]
-        for p in parts[start + 1 : start + len(bs)]:
-            lo, hi = merge_ranges((lo, hi), p)
-        out.append((lo, hi))
-        start += len(bs)
-    return out
+    lengths = [len(bs) for bs in blocks]
+    parts = stages.compute(name, *[dask.delayed(_stats_of)(b, spec) for bs in blocks for b in bs])
+    stats = _merged(parts, lengths, lambda a, b: merge_stats(a, b, spec=spec))
+    ranges = [stats_ranges(st, spec=spec) for st in stats]
+    if spec.kind != "clipped":
+        return ranges
+    tasks = [
+        dask.delayed(_clip_errors_of)(b, spec, *r)
+        for bs, r in zip(blocks, ranges, strict=True)
+        for b in bs
+    ]
+    errors = _merged(list(stages.compute(name, *tasks)), lengths, lambda a, b: a + b)
+    return [pick_clipped(*r, e, spec=spec) for r, e in zip(ranges, errors, strict=True)]
 
 
-def encode(x, spec: QuantizerSpec, lo=None, hi=None, rng=None):
+def _histogram_of(block, spec, hi):
+    if hi is None:
+        _, hi = block_range(block, spec=spec)
+    return to_numpy(entry_histogram(block, asarray_like(hi, block), spec=spec))
+
+
+def fit_codebook(x: da.Array, spec: QuantizerSpec, stages: Stages, name: str, hi=None):
+    """The ``lloyd`` codebook of ``x`` (2^bits float32 levels), or None for other kinds: the
+    exact histogram of the entries normalized by their group's scale (``hi`` when the groups
+    span blocks, else each block's own), summed over blocks, then Lloyd–Max on the driver.
+    One more pass over ``x``."""
+    if spec.is_float or not spec.stores_codebook:
+        return None
+    tasks = [dask.delayed(_histogram_of)(b, spec, hi) for b in x.to_delayed().ravel()]
+    counts = sum(stages.compute(name, *tasks))
+    return fit_lloyd(counts, spec.bits)
+
+
+def encode(x, spec: QuantizerSpec, lo=None, hi=None, rng=None, codebook=None):
     """Codes of a block: integer codes, or 16-bit float patterns for ``bits == 16``."""
     if spec.is_float:
         return encode_float(x, spec.float_format)
-    return quantize(x, lo, hi, spec=spec, rng=rng)
+    return quantize(x, lo, hi, spec=spec, rng=rng, codebook=codebook)
 
 
-def decode(codes, spec: QuantizerSpec, lo=None, hi=None, dtype=np.float32):
+def decode(codes, spec: QuantizerSpec, lo=None, hi=None, dtype=np.float32, codebook=None):
     if spec.is_float:
         return decode_float(codes, spec.float_format, dtype)
-    return dequantize(codes, lo, hi, spec=spec, dtype=dtype)
+    return dequantize(codes, lo, hi, spec=spec, dtype=dtype, codebook=codebook)
 
 
 def _local_ranges(x, spec, lo, hi):
@@ -288,17 +334,19 @@ def _local_ranges(x, spec, lo, hi):
 # ----------------------------------------------------------------------------- left factor
 
 
-def quantize_rows_block(x, *, spec, lo, hi, seed, writer=None, out_dtype, block_info=None):
+def quantize_rows_block(
+    x, *, spec, lo, hi, seed, writer=None, out_dtype, codebook=None, block_info=None
+):
     """Quantize one row block of a left factor (dither keyed by the block's row index), write
     its codes when a ``writer`` is given, and return its dequantized values."""
     row0 = block_info[0]["array-location"][0][0]
     i = block_info[0]["chunk-location"][0]
     rng = block_generator(seed, STREAM_DITHER_LEFT, i) if spec.rounding == "stochastic" else None
     lo_b, hi_b, local = _local_ranges(x, spec, lo, hi)
-    codes = encode(x, spec, lo_b, hi_b, rng)
+    codes = encode(x, spec, lo_b, hi_b, rng, codebook)
     if writer is not None:
         writer.write(row0, 0, codes, *((lo_b, hi_b) if local else (None, None)))
-    return decode(codes, spec, lo_b, hi_b, dtype=out_dtype)
+    return decode(codes, spec, lo_b, hi_b, dtype=out_dtype, codebook=codebook)
 
 
 def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype, stages: Stages):
@@ -310,16 +358,20 @@ def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype,
     if not spec.is_float and spec.granularity in ("tensor", "column"):
         lo, hi = global_ranges(x, spec, stages, "basis-ranges")
         writer.write_ranges(lo, hi)
+    codebook = fit_codebook(x, spec, stages, "basis-codebook", hi)
+    if codebook is not None:
+        writer.write_codebook(codebook)
     lhat = x.map_blocks(
         quantize_rows_block,
         spec=spec,
         lo=lo,
         hi=hi,
         seed=seed,
+        codebook=codebook,
         writer=writer,
         out_dtype=dtype,
         dtype=dtype,
-        meta=asarray_like(np.empty((0, 0), dtype=dtype), x._meta),
+        meta=asarray_like(np.empty((0, 0), dtype=dtype), meta_from_array(x)),
     )
     (lhat,) = stages.persist("quantize-basis", lhat)
     (g,) = stages.compute("quantize-basis", gram(lhat))
@@ -334,7 +386,9 @@ def _panel_values(p, extra, *, coef, mode):
     return c @ (extra if mode == "given" else p)
 
 
-def _panel_finish(p, extra, *, coef, mode, spec, lo, hi, seed, writer, gram_, block_info=None):
+def _panel_finish(
+    p, extra, *, coef, mode, spec, lo, hi, seed, writer, gram_, codebook=None, block_info=None
+):
     """Compute R_j, quantize it, write it; return [⟨R̂_j, P_j⟩, ⟨R̂_j, G R̂_j⟩]."""
     xp = array_namespace(p)
     col0 = block_info[0]["array-location"][1][0]
@@ -342,9 +396,9 @@ def _panel_finish(p, extra, *, coef, mode, spec, lo, hi, seed, writer, gram_, bl
     r = _panel_values(p, extra, coef=coef, mode=mode)
     rng = block_generator(seed, STREAM_DITHER_RIGHT, j) if spec.rounding == "stochastic" else None
     lo_b, hi_b, local = _local_ranges(r, spec, lo, hi)
-    codes = encode(r, spec, lo_b, hi_b, rng)
+    codes = encode(r, spec, lo_b, hi_b, rng, codebook)
     writer.write(0, col0, codes, *((lo_b, hi_b) if local else (None, None)))
-    rhat = decode(codes, spec, lo_b, hi_b, dtype=np.float64)
+    rhat = decode(codes, spec, lo_b, hi_b, dtype=np.float64, codebook=codebook)
     g = asarray_like(gram_, p)
     stats = xp.stack([xp.sum(rhat * p), xp.sum(rhat * (g @ rhat))])
     return to_numpy(stats).reshape(1, 2)
@@ -374,13 +428,18 @@ def project_and_quantize(
     p = left_multiply(a, lhat)
     extra = given if given is not None else p
     kw = dict(coef=coef, mode=mode)
-    lo = hi = None
-    if not spec.is_float and spec.granularity in ("tensor", "row"):
+    lo = hi = codebook = None
+    spans = spec.granularity in ("tensor", "row")
+    if not spec.is_float and (spans or spec.stores_codebook):
         r_float = da.map_blocks(_panel_values, p, extra, dtype=np.float64, **kw)
         p, r_float = stages.persist("project", p, r_float)
         extra = given if given is not None else p
-        lo, hi = global_ranges(r_float, spec, stages, "right-ranges")
-        writer.write_ranges(lo, hi)
+        if spans:
+            lo, hi = global_ranges(r_float, spec, stages, "right-ranges")
+            writer.write_ranges(lo, hi)
+        codebook = fit_codebook(r_float, spec, stages, "right-codebook", hi)
+        if codebook is not None:
+            writer.write_codebook(codebook)
     stats = da.map_blocks(
         _panel_finish,
         p,
@@ -391,10 +450,11 @@ def project_and_quantize(
         seed=seed,
         writer=writer,
         gram_=g,
+        codebook=codebook,
         chunks=((1,), (2,) * p.numblocks[1]),
         dtype=np.float64,
         **kw,
     )
-    (s,) = stages.compute("project" if lo is None else "requantize", stats)
+    (s,) = stages.compute("project" if lo is None and codebook is None else "requantize", stats)
     s = s.reshape(-1, 2).sum(axis=0)
     return float(s[0]), float(s[1])

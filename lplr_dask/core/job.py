@@ -41,6 +41,7 @@ from pathlib import Path
 import dask.array as da
 import numpy as np
 import zarr
+from dask.array.utils import meta_from_array
 from dask.base import tokenize
 
 from lplr_dask._version import __version__
@@ -64,18 +65,19 @@ from lplr_dask.core.methods import (
     quantize_matrix,
     times,
 )
-from lplr_dask.core.params import (
-    DEFAULT_GROUP_SIZE,
-    METHODS,
-    CompressionConfig,
-    CompressionResult,
-    make_config,
+from lplr_dask.core.params import CompressionConfig, CompressionOptions, CompressionResult
+from lplr_dask.core.single_pass import (
+    ERROR_TEST_ROWS,
+    corange_size,
+    error_estimate_note,
+    single_pass_sketch,
+    sketch_left,
+    solve_and_quantize,
 )
 from lplr_dask.errors import (
     JobBusyError,
     LPLRError,
     OutputExistsError,
-    ParameterError,
     VerificationError,
 )
 from lplr_dask.kernels.linalg import gram_pinv, top_eigenvectors
@@ -182,10 +184,8 @@ class CompressionJob:
         self,
         matrix,
         output,
-        params,
+        options: CompressionOptions,
         *,
-        budget,
-        max_rank,
         overwrite,
         resume,
         verify,
@@ -196,9 +196,7 @@ class CompressionJob:
         self.allow_missing_chunks = allow_missing_chunks
         self.overwrite = overwrite
         self.output = output
-        self.params = params
-        self.budget = budget
-        self.max_rank = max_rank
+        self.options = options
         self.resume = resume
         self.verify = verify
         self.engine = Stages(on_stage)
@@ -209,9 +207,7 @@ class CompressionJob:
             "input": input_fingerprint(matrix),
             "shape": list(matrix.shape),
             "block_shape": list(matrix.block_shape),
-            "params": params,
-            "budget": budget,
-            "max_rank": max_rank if budget is not None else None,
+            "options": options.to_dict(),
             "allow_missing_chunks": bool(allow_missing_chunks),
             "lplr_dask": __version__,
             "format_version": FORMAT_VERSION,
@@ -231,33 +227,23 @@ class CompressionJob:
         cls,
         source,
         output,
+        options: CompressionOptions,
         *,
-        method: str = "lplr",
-        rank: int | None = None,
-        budget: float | None = None,
-        bits_left: int | None = None,
-        bits_right: int | None = None,
-        bits_matrix: int | None = None,
-        group_size: int | None = DEFAULT_GROUP_SIZE,
-        n_oversamples: int = 0,
-        n_power_iter: int | None = None,
-        seed: int = 0,
-        rounding: str = "nearest",
-        block_shape: tuple[int, int] | None = None,
-        max_rank: int = 512,
         overwrite: bool = False,
         resume: bool = False,
         verify: bool = False,
         on_stage: StageCallback | None = None,
         allow_missing_chunks: bool = False,
     ) -> CompressionJob:
-        """Validate the input, OUTPUT and parameters (no pass over A) and prepare the job.
+        """Open the input, check OUTPUT and the options against the matrix (no pass over A)
+        and prepare the job.
 
-        Parameters are those of :func:`lplr_dask.compress`, plus:
+        Parameters are those of :func:`lplr_dask.compress`, with ``options`` already a
+        :class:`~lplr_dask.core.params.CompressionOptions`, plus:
 
         resume : bool, default False
             Keep the work directory if a stage fails, and reuse the stages that an earlier run
-            with the same input fingerprint and parameters finished.
+            with the same input fingerprint and options finished.
         verify : bool, default False
             In the ``verify`` stage, also measure the error by an independent blockwise pass
             over A and the stored codes (one more pass) and require agreement.
@@ -265,39 +251,21 @@ class CompressionJob:
             Read chunks missing from a Zarr INPUT as its fill value instead of refusing it
             (:class:`~lplr_dask.errors.DamagedInputError`); part of the job key.
         """
-        if method not in METHODS:
-            raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
-        if budget is not None and rank is not None:
-            raise ParameterError("Give either rank or budget, not both.")
         matrix = open_input(
             source,
-            block_shape=block_shape,
-            group_size=group_size or None,
+            block_shape=options.block_shape,
+            group_size=options.group_size or None,
             allow_missing_chunks=allow_missing_chunks,
         )
         out = check_output_path(
             output, overwrite=overwrite, inputs=[matrix.path] if matrix.path else ()
         )
-        params = dict(
-            method=method,
-            bits_left=bits_left,
-            bits_right=bits_right,
-            bits_matrix=bits_matrix,
-            group_size=group_size,
-            n_oversamples=n_oversamples,
-            n_power_iter=n_power_iter,
-            seed=seed,
-            rounding=rounding,
-        )
-        if budget is None:  # fail now, not after a pass over A
-            make_config(shape=matrix.shape, rank=rank, block_shape=matrix.block_shape, **params)
-        params["rank"] = rank
+        if options.budget is None:  # fail now, not after a pass over A
+            options.resolve(matrix.shape, block_shape=matrix.block_shape)
         return cls(
             matrix,
             out,
-            params,
-            budget=budget,
-            max_rank=max_rank,
+            options,
             overwrite=overwrite,
             resume=resume,
             verify=verify,
@@ -309,7 +277,7 @@ class CompressionJob:
     def stages(self) -> tuple[str, ...]:
         """The stages this job runs, in order (known for sure once ``plan`` is done: a budget
         search may give ``nq+lplr`` rank 0)."""
-        method = self.params["method"] if self._cfg is None else self._cfg.method
+        method = self.options.method if self._cfg is None else self._cfg.method
         low_rank = method != "nq" if self._cfg is None else bool(self._cfg.rank)
         skip = set()
         if method not in ("nq", "nq+lplr", "auto"):
@@ -432,19 +400,13 @@ class CompressionJob:
         )
 
     def _stage_plan(self) -> dict:
-        p = dict(self.params)
-        rank = p.pop("rank")
         search = []
-        if self.budget is None:
-            cfg = make_config(
-                shape=self.matrix.shape, rank=rank, block_shape=self.matrix.block_shape, **p
-            )
+        if self.options.budget is None:
+            cfg = self.options.resolve(self.matrix.shape, block_shape=self.matrix.block_shape)
         else:
             from lplr_dask.core.search import choose_config
 
-            cfg, search = choose_config(
-                self.matrix, budget=self.budget, max_rank=self.max_rank, stages=self.engine, **p
-            )
+            cfg, search = choose_config(self.matrix, self.options, stages=self.engine)
         self._cfg = cfg
         zarr.open_group(str(self.out_tmp), mode="w")
         return {"config": cfg.to_dict(), "budget_search": search}
@@ -461,13 +423,20 @@ class CompressionJob:
         return {"norm2": norm2, "err2": err2, "ranges": lo is not None}
 
     def _stage_sketch(self) -> dict:
+        if self.options.passes == 1:
+            return self._sketch_single_pass()
         cfg, stages = self.config, self.engine
         a = self._operand()
         k = cfg.rank + cfg.n_oversamples
         if cfg.method in ("dsvd", "lplr-svd"):
             k = min(cfg.rank + max(cfg.n_oversamples, 10), min(a.shape))
         s = sketch_matrix(
-            a.shape[1], k, seed=cfg.seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta
+            a.shape[1],
+            k,
+            seed=cfg.seed,
+            row_chunks=a.chunks[1],
+            dtype=a.dtype,
+            meta=meta_from_array(a),
         )
         (ext,) = stages.persist("sketch", sketch_with_norms(a, s))
         y, norm2 = ext[:, :k], float(ext[:, -1].sum().compute())
@@ -517,11 +486,15 @@ class CompressionJob:
         np.save(work / "gram.npy", g)
         np.save(work / "coef.npy", coef)
         values = {"mode": mode, "Lhat": _store(lhat, work / "Lhat.zarr", stages, "quantize-basis")}
+        if self.options.passes == 1:  # Ψ·L̂ and Γ·L̂ (small; no pass over A)
+            self._sketch_left_single_pass(lhat)
         if given is not None:
             values["given"] = _store(given, work / "given.zarr", stages, "truncate")
         return values
 
     def _stage_project(self) -> dict:
+        if self.options.passes == 1:
+            return self._project_single_pass()
         cfg, work = self.config, self.work_dir
         v = self.records["basis"].values
         a = self._operand()
@@ -542,7 +515,76 @@ class CompressionJob:
         )
         return {"rp": rp, "rgr": rgr}
 
+    # ------------------------------------------------------------------ single pass
+
+    def _sketch_single_pass(self) -> dict:
+        """Y = A·S, ‖A‖², W = Ψ·A and T = Γ·A in one pass over A (:mod:`.single_pass`)."""
+        cfg, stages, work = self.config, self.engine, self.work_dir
+        a = self._operand()
+        rows = corange_size(cfg.rank, a.shape[0], self.options.corange_size)
+        sk = single_pass_sketch(a, cfg.rank, seed=cfg.seed, corange_rows=rows)
+        ext, w, t = stages.persist("sketch", sk.ext, sk.w, sk.t)
+        y, norm2 = ext[:, : cfg.rank], float(ext[:, -1].sum().compute())
+        check_finite_input(norm2, a, self.matrix.path or "array", stages)
+        return {
+            "norm2": norm2,
+            "corange_size": rows,
+            "test_rows": ERROR_TEST_ROWS,
+            "Y": _store(y, work / "Y.zarr", stages, "sketch"),
+            "W": _store(w, work / "W.zarr", stages, "sketch"),
+            "T": _store(t, work / "T.zarr", stages, "sketch"),
+        }
+
+    def _sketch_left_single_pass(self, lhat: da.Array) -> None:
+        v = self.records["sketch"].values
+        rows = (v["corange_size"], v["test_rows"])
+        (pl,) = self.engine.compute("sketch-basis", sketch_left(lhat, rows, seed=self.config.seed))
+        pl = to_numpy(pl)
+        np.save(self.work_dir / "psi-lhat.npy", pl[: rows[0]])
+        np.save(self.work_dir / "gamma-lhat.npy", pl[rows[0] :])
+
+    def _project_single_pass(self) -> dict:
+        """R = (Ψ·L̂)⁺·W per panel, quantized and written; no pass over A."""
+        cfg, work = self.config, self.work_dir
+        v = self.records["sketch"].values
+        d, panel = self.matrix.shape[1], self.matrix.data.chunksize[1]
+        rwriter = create_factor(self.out_tmp, "R", (cfg.rank, d), cfg.right, (cfg.rank, panel))
+        est_err2 = solve_and_quantize(
+            _load(work, v["W"]),
+            _load(work, v["T"]),
+            np.load(work / "psi-lhat.npy"),
+            np.load(work / "gamma-lhat.npy"),
+            cfg.right,
+            rwriter,
+            seed=cfg.seed,
+            stages=self.engine,
+        )
+        return {"est_err2": est_err2}
+
+    def _verify_single_pass(self) -> dict:
+        """The estimate (no pass); with ``verify``, the exact error by a second pass too."""
+        norm2 = self.records["sketch"].values["norm2"]
+        est = _relative(self.records["project"].values["est_err2"], norm2)
+        on_disk = _check_stored_bytes(self.out_tmp, self.config.nbytes(self.matrix.shape))
+        values = {
+            "rel_fro_error": est,
+            "estimated_rel_fro_error": est,
+            "error_is_estimate": True,
+            "bytes_on_disk": on_disk,
+        }
+        if self.verify:
+            from lplr_dask.storage.reader import relative_error
+
+            write_metadata(self.out_tmp, self._metadata(self._make_result(est, values)))
+            exact = relative_error(self.matrix.data, self.out_tmp)
+            values.update(
+                rel_fro_error=exact, independent_rel_fro_error=exact, error_is_estimate=False
+            )
+        return values
+
     def _stage_verify(self) -> dict:
+        if self.options.passes == 1:
+            return self._verify_single_pass()
         cfg = self.config
         r = {k: rec.values for k, rec in self.records.items()}
         if cfg.matrix is None:
@@ -599,8 +641,13 @@ class CompressionJob:
 
     # ------------------------------------------------------------------ results
 
-    def _make_result(self, rel: float) -> CompressionResult:
+    def _make_result(self, rel: float, checked: dict | None = None) -> CompressionResult:
+        """The result with error ``rel``; ``checked``: the verify stage's values (its record's
+        by default), which say whether ``rel`` is a single-pass estimate."""
         cfg, shape = self.config, self.matrix.shape
+        if checked is None:
+            checked = self.records["verify"].values if "verify" in self.records else {}
+        single = self.options.passes == 1
         substages: dict[str, float] = {}
         for rec in self.records.values():
             for k, v in rec.substages.items():
@@ -614,7 +661,7 @@ class CompressionJob:
             bits_left=cfg.left.bits if cfg.left else None,
             bits_right=cfg.right.bits if cfg.right else None,
             bits_matrix=cfg.matrix.bits if cfg.matrix else None,
-            group_size=self.params["group_size"] or None,
+            group_size=self.options.group_size or None,
             rel_fro_error=rel,
             bits_per_entry=cfg.bits_per_entry(shape),
             stored_bytes=cfg.nbytes(shape),
@@ -623,9 +670,20 @@ class CompressionJob:
             n_oversamples=cfg.n_oversamples,
             n_power_iter=cfg.n_power_iter,
             stage_seconds=substages,
-            budget=self.budget,
+            budget=self.options.budget,
             budget_search=self.records["plan"].values["budget_search"],
             reused_stages=[k for k, rec in self.records.items() if rec.reused],
+            passes=self.options.passes,
+            error_is_estimate=bool(checked.get("error_is_estimate", False)),
+            estimated_rel_fro_error=checked.get("estimated_rel_fro_error"),
+            error_method=(
+                None
+                if not single
+                else error_estimate_note()
+                if checked.get("error_is_estimate", True)
+                else "exact: an independent pass over A and the stored codes (verify); "
+                "estimated_rel_fro_error is the single-pass estimate"
+            ),
         )
 
     def _metadata(self, result: CompressionResult) -> dict:

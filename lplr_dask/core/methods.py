@@ -6,7 +6,14 @@ from __future__ import annotations
 import dask.array as da
 import numpy as np
 
-from lplr_dask.core.engine import Stages, decode, encode, global_ranges, tile_sumsq
+from lplr_dask.core.engine import (
+    Stages,
+    decode,
+    encode,
+    fit_codebook,
+    global_ranges,
+    tile_sumsq,
+)
 from lplr_dask.errors import NonFiniteInputError
 from lplr_dask.kernels.quantize import block_range
 from lplr_dask.kernels.random import STREAM_BASIS_ROTATION, STREAM_DITHER_MATRIX, block_generator
@@ -80,7 +87,7 @@ def times(x: da.Array, t: np.ndarray) -> da.Array:
     return x.map_blocks(_matmul_small, t, chunks=(x.chunks[0], (t.shape[1],)), dtype=x.dtype)
 
 
-def _nq_block(a, *, spec, lo, hi, seed, writer=None, block_info=None):
+def _nq_block(a, *, spec, lo, hi, seed, writer=None, codebook=None, block_info=None):
     loc = block_info[0]
     i, j = loc["chunk-location"]
     rng = (
@@ -91,16 +98,19 @@ def _nq_block(a, *, spec, lo, hi, seed, writer=None, block_info=None):
         local = not spec.is_float
     else:
         lo_b, hi_b, local = asarray_like(lo, a), asarray_like(hi, a), False
-    codes = encode(a, spec, lo_b, hi_b, rng)
-    ahat = decode(codes, spec, lo_b, hi_b, dtype=a.dtype)
+    codes = encode(a, spec, lo_b, hi_b, rng, codebook)
+    ahat = decode(codes, spec, lo_b, hi_b, dtype=a.dtype, codebook=codebook)
     if writer is not None:
         r0, c0 = loc["array-location"][0][0], loc["array-location"][1][0]
         writer.write(r0, c0, codes, *((lo_b, hi_b) if local else (None, None)))
     return a, ahat
 
 
-def _nq_write_stats(a, *, spec, lo, hi, seed, writer, block_info=None):
-    a, ahat = _nq_block(a, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, block_info=block_info)
+def _nq_write_stats(a, *, spec, lo, hi, seed, writer, codebook=None, block_info=None):
+    a, ahat = _nq_block(
+        a, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, codebook=codebook,
+        block_info=block_info,
+    )
     # Sums of squares accumulated in float64 without float64 copies of the tile: a 4096²
     # float32 tile is 64 MiB, and three float64 temporaries of it had workers with a 1 GiB
     # limit killed.
@@ -115,22 +125,30 @@ def _nq_write_stats(a, *, spec, lo, hi, seed, writer, block_info=None):
     return to_numpy(stats).reshape(1, 2)
 
 
-def nq_residual(a, *, spec, lo, hi, seed, block_info=None):
-    a, ahat = _nq_block(a, spec=spec, lo=lo, hi=hi, seed=seed, block_info=block_info)
+def nq_residual(a, *, spec, lo, hi, seed, codebook=None, block_info=None):
+    a, ahat = _nq_block(
+        a, spec=spec, lo=lo, hi=hi, seed=seed, codebook=codebook, block_info=block_info
+    )
     return a - ahat
 
 
 def quantize_matrix(a, spec, root, stages, seed, source):
     """Q(A) for ``nq`` and ``nq+lplr``: write its codes in a pass of its own (one more for
     per-matrix ranges). Returns ‖A‖², ‖A − Q(A)‖² and the per-matrix (lo, hi) or (None, None);
-    the residual A − Q(A) is ``a.map_blocks(nq_residual, ...)`` with those ranges."""
+    the residual A − Q(A) is ``a.map_blocks(nq_residual, ...)`` with those ranges.
+
+    A ``lloyd`` quantizer fits its codebook first (one more pass over A); it is written with
+    Q, and only ``nq`` (no residual) takes it."""
     lo = hi = None
     writer = create_factor(root, "Q", a.shape, spec, a.chunksize)
     if not spec.is_float and spec.granularity == "tensor":
         lo, hi = global_ranges(a, spec, stages, "matrix-ranges")
         check_finite_input(float(hi.sum() - lo.sum()), a, source, stages)
         writer.write_ranges(lo, hi)
-    kw = dict(spec=spec, lo=lo, hi=hi, seed=seed)
+    codebook = fit_codebook(a, spec, stages, "matrix-codebook", hi)
+    if codebook is not None:
+        writer.write_codebook(codebook)
+    kw = dict(spec=spec, lo=lo, hi=hi, seed=seed, codebook=codebook)
     chunks = ((1,) * a.numblocks[0], (2,) * a.numblocks[1])
     stats = a.map_blocks(_nq_write_stats, writer=writer, chunks=chunks, dtype=np.float64, **kw)
     (s,) = stages.compute("quantize-matrix", stats)

@@ -1,15 +1,16 @@
-"""The one resolved configuration of a compression, its result, and their validation.
+"""The one parameter object of a compression, its resolved configuration and its result.
 
-:func:`make_config` validates the parameters of :func:`lplr_dask.compress` once and returns a
-:class:`CompressionConfig` (method, rank, the quantizer of every factor, the block grid); the
-job, the budget search and the checkpoint policy take that object. The paper's symbols: rank
-is m, ``bits_left`` is B (L = Q(·)), ``bits_right`` is B′ (R = Q′(·)), ``bits_matrix`` is
-B_nq (the direct quantizer Q(A)).
+:class:`CompressionOptions` holds what the user asks for (method, rank or budget, bit widths,
+...), validated once when it is made, with every default in one place. The job, the budget
+search, the flows' configuration, the CLI and the checkpoint policy take it.
+:meth:`CompressionOptions.resolve` turns it into a :class:`CompressionConfig` for a matrix of a
+given shape (the quantizer of every factor, the block grid), which the engine runs.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+import difflib
+from dataclasses import asdict, dataclass, field, fields, replace
 
 import numpy as np
 
@@ -23,9 +24,10 @@ __all__ = [
     "DEFAULT_SVD_POWER_ITER",
     "LOW_RANK_METHODS",
     "METHODS",
+    "ROUNDINGS",
     "CompressionConfig",
+    "CompressionOptions",
     "CompressionResult",
-    "make_config",
 ]
 
 
@@ -33,6 +35,7 @@ METHODS = ("lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr", "auto")
 LOW_RANK_METHODS = ("lplr", "paper", "dsvd", "lplr-svd", "nq+lplr")
 DEFAULT_GROUP_SIZE = 128
 DEFAULT_SVD_POWER_ITER = 2
+ROUNDINGS = ("nearest", "stochastic")
 
 
 @dataclass(frozen=True)
@@ -155,51 +158,186 @@ def _check_bits(name, bits):
         )
 
 
-def make_config(
-    *,
-    method: str,
-    shape,
-    rank: int | None,
-    bits_left: int | None = None,
-    bits_right: int | None = None,
-    bits_matrix: int | None = None,
-    group_size: int | None = DEFAULT_GROUP_SIZE,
-    n_oversamples: int = 0,
-    n_power_iter: int | None = None,
-    seed: int = 0,
-    rounding: str = "nearest",
-    block_shape: tuple[int, int] | None = None,
-) -> CompressionConfig:
-    """Validate parameters and build the quantizers of ``method`` (see :func:`compress`).
+@dataclass(frozen=True, kw_only=True)
+class CompressionOptions:
+    """What a compression computes: the method and its parameters, validated once.
 
-    ``block_shape`` is A's canonical block grid (``InputMatrix.block_shape``); by default
-    :func:`lplr_dask.storage.inputs.canonical_block_shape` of ``shape`` and ``group_size``. It fixes
-    the stored chunk shapes, hence the bytes that :meth:`CompressionConfig.nbytes` counts.
+    The one parameter object of the package: :func:`lplr_dask.compress`, the resumable job,
+    the budget search, the flows' YAML ``compression:`` section, the ``lplr compress`` flags
+    and the checkpoint policy's candidates all build or take one. Checks that need no matrix
+    run on construction (:class:`~lplr_dask.errors.ParameterError` naming the field and the
+    fix); :meth:`resolve` adds those that need its shape and returns the
+    :class:`CompressionConfig` the engine runs. The paper's symbols: ``rank`` is m,
+    ``bits_left`` is B (L = Q(·)), ``bits_right`` is B′ (R = Q′(·)), ``bits_matrix`` is B_nq
+    (the direct quantizer Q(A)).
+
+    Parameters
+    ----------
+    method : {"lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr", "auto"}, default "lplr"
+        ``lplr``: orthonormalized sketch, quantized basis (per-column scales), projection
+        re-quantized per column panel. ``paper``: Algorithm 1 of the paper with its reference
+        quantizer (no QR, per-matrix min–max). ``nq``: A quantized directly. ``dsvd``: the
+        quantized randomized SVD. ``lplr-svd``: LPLR on the SVD factors. ``nq+lplr``: Q(A)
+        plus an LPLR correction of A − Q(A). ``auto``: the best of lplr, nq+lplr and nq under
+        ``budget`` by their measured errors.
+    rank : int, optional
+        m, the inner dimension of L·R, 1 ≤ m < min(n, d). Required unless ``budget`` is
+        given (or for ``nq``, which takes none).
+    budget : float, optional
+        Bits per entry of A: choose rank and bit widths so that ``bits_per_entry <= budget``
+        with the lowest error (see :func:`lplr_dask.core.search.choose_config`).
+    bits_left, bits_right : int, optional
+        B and B′: bits per entry of L and R, 1–8, or 16 for float16. Default 8 (the paper's).
+    bits_matrix : int, optional
+        Bits per entry of Q(A) for ``nq`` and ``nq+lplr``. Default 4.
+    group_size : int, default 128
+        Entries per scale along the rows of R (and of A for ``nq``); a multiple of 8, or 0 for
+        one scale per row of R (``nq``: one scale for the matrix).
+    n_oversamples : int, default 0
+        Extra sketch columns; the rank-m basis is then the top-m subspace of the larger sketch
+        (one more pass over A). Increase this before ``n_power_iter``.
+    n_power_iter : int, optional
+        Power iterations (two passes over A each). Default 0 (2 for ``dsvd``/``lplr-svd``).
+    seed : int, default 0
+        Seeds every random stream; the same seed and ``block_shape`` give byte-identical codes
+        for any storage tiling, worker count or backend.
+    rounding : {"nearest", "stochastic"}, default "nearest"
+        Round to the nearest level, or unbiased stochastic rounding (dither from the seed).
+    block_shape : (int, int), optional
+        The canonical block grid of the computation, and the chunk shape of the stored
+        factors. Default: at most 4096 × 4096, in nearly equal blocks (see
+        :func:`lplr_dask.storage.inputs.canonical_block_shape`).
+    max_rank : int, default 512
+        Largest rank the budget search considers.
+    passes : {1, 2}, default 2
+        Passes over A. 2: the sketch, then the exact projection R = (LᵀL)⁺LᵀA and its exact
+        error. 1: the range and co-range sketches in one pass (Tropp et al. 2017), R solved
+        from the co-range sketch, the error estimated (see :mod:`lplr_dask.core.single_pass`).
     """
-    if method not in METHODS:
-        raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
-    if method == "auto":
+
+    method: str = "lplr"
+    rank: int | None = None
+    budget: float | None = None
+    bits_left: int | None = None
+    bits_right: int | None = None
+    bits_matrix: int | None = None
+    group_size: int = DEFAULT_GROUP_SIZE
+    n_oversamples: int = 0
+    n_power_iter: int | None = None
+    seed: int = 0
+    rounding: str = "nearest"
+    block_shape: tuple[int, int] | None = None
+    max_rank: int = 512
+    passes: int = 2
+
+    def __post_init__(self):
+        method = self.method
+        if method not in METHODS:
+            raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
+        if self.budget is not None:
+            b = self.budget
+            if isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0:
+                raise ParameterError(f"budget={b!r} must be a positive number of bits per entry.")
+            if self.rank is not None:
+                raise ParameterError("Give either rank or budget, not both.")
+        elif method == "auto":
+            raise ParameterError(
+                "method='auto' chooses among lplr, nq+lplr and nq by their measured errors "
+                "under a budget: give --budget BITS_PER_ENTRY (budget=...) instead of a rank."
+            )
+        elif method == "nq" and self.rank is not None:
+            raise ParameterError("method='nq' quantizes A directly and takes no rank; drop --rank.")
+        elif method != "nq" and self.rank is None:
+            raise ParameterError(
+                f"method={method!r} needs a rank (--rank M) or a budget (--budget BITS_PER_ENTRY)."
+            )
+        if self.rank is not None:
+            _check_int("rank", self.rank, 1)
+        for name in ("bits_left", "bits_right", "bits_matrix"):
+            _check_bits(name, getattr(self, name))
+        _check_int("n_oversamples", self.n_oversamples, 0)
+        _check_int("seed", self.seed, 0, fix="Use a non-negative integer seed.")
+        _check_int("max_rank", self.max_rank, 1)
+        _check_int("passes", self.passes, 1, 2, fix="Use 2 (exact projection) or 1 (one read).")
+        if self.group_size is None:
+            object.__setattr__(self, "group_size", 0)
+        gs = self.group_size
+        _check_int("group_size", gs, 0)
+        if gs and (gs < 8 or gs % 8):
+            raise ParameterError(
+                f"group_size={gs} is invalid: use a positive multiple of 8 (such as 128), "
+                "or 0 for one scale per row (nq: per matrix)."
+            )
+        if self.n_power_iter is not None:
+            _check_int("n_power_iter", self.n_power_iter, 0)
+        if self.rounding not in ROUNDINGS:
+            raise ParameterError(f"rounding={self.rounding!r} is unknown; use one of {ROUNDINGS}.")
+        if self.block_shape is not None:
+            bs = tuple(self.block_shape)
+            if len(bs) != 2:
+                raise ParameterError(f"block_shape={self.block_shape!r} must be (rows, cols).")
+            for v in bs:
+                _check_int("block_shape", v, 1)
+            object.__setattr__(self, "block_shape", (int(bs[0]), int(bs[1])))
+        if method == "paper" and (
+            self.rounding != "nearest" or self.n_oversamples or self.n_power_iter
+        ):
+            raise ParameterError(
+                "method='paper' reproduces the reference code exactly: nearest rounding, no "
+                "oversampling, no power iterations. Use method='lplr' for those options."
+            )
+
+    @classmethod
+    def of(cls, options: CompressionOptions | None = None, **fields_) -> CompressionOptions:
+        """``options`` with ``fields_`` replaced (a new object when ``options`` is None).
+
+        Raises :class:`~lplr_dask.errors.ParameterError` for a name that is not a field.
+        """
+        names = [f.name for f in fields(cls)]
+        unknown = [k for k in fields_ if k not in names]
+        if unknown:
+            close = difflib.get_close_matches(unknown[0], names, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ParameterError(
+                f"{unknown[0]!r} is not a compression option.{hint} The options are: "
+                f"{', '.join(names)}."
+            )
+        return cls(**fields_) if options is None else replace(options, **fields_)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["block_shape"] = list(self.block_shape) if self.block_shape is not None else None
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompressionOptions:
+        block = d.get("block_shape")
+        return cls.of(None, **{**d, "block_shape": tuple(block) if block else None})
+
+    def resolve(self, shape, *, block_shape=None) -> CompressionConfig:
+        """The :class:`CompressionConfig` for a matrix of ``shape`` (rank given, no budget).
+
+        ``block_shape`` overrides the block grid (the input's ``InputMatrix.block_shape``, the
+        same grid by default); it fixes the stored chunk shapes, hence the bytes that
+        :meth:`CompressionConfig.nbytes` counts.
+        """
+        return _resolve(self, tuple(int(v) for v in shape), block_shape or self.block_shape)
+
+
+def _resolve(opts: CompressionOptions, shape, block_shape) -> CompressionConfig:
+    method, rank, rounding = opts.method, opts.rank, opts.rounding
+    if opts.budget is not None:
         raise ParameterError(
-            "method='auto' chooses among lplr, nq+lplr and nq by their measured errors under a "
-            "budget: give --budget BITS_PER_ENTRY (budget=...) instead of a rank."
+            "a budget is resolved by the search (lplr_dask.core.search.choose_config), "
+            "not by CompressionOptions.resolve."
         )
     n, d = shape
-    for name, b in (
-        ("bits_left", bits_left),
-        ("bits_right", bits_right),
-        ("bits_matrix", bits_matrix),
-    ):
-        _check_bits(name, b)
-    _check_int("n_oversamples", n_oversamples, 0)
-    _check_int("seed", seed, 0, fix="Use a non-negative integer seed.")
-    if group_size is not None and group_size != 0 and (group_size < 8 or group_size % 8):
-        raise ParameterError(
-            f"group_size={group_size} is invalid: use a positive multiple of 8 (such as 128), "
-            "or 0 for one scale per row (nq: per matrix)."
-        )
+    group_size = opts.group_size
+    n_power_iter = opts.n_power_iter
     if n_power_iter is None:
         n_power_iter = DEFAULT_SVD_POWER_ITER if method in ("dsvd", "lplr-svd") else 0
-    _check_int("n_power_iter", n_power_iter, 0)
+    bits_left, bits_right, bits_matrix = opts.bits_left, opts.bits_right, opts.bits_matrix
+    n_oversamples, seed = opts.n_oversamples, opts.seed
     group = group_size or None
     if block_shape is None:
         blocks = canonical_block_shape((n, d), group_size=group)
@@ -219,13 +357,7 @@ def make_config(
     if method in ("nq", "nq+lplr"):
         matrix = grouped(bits_matrix if bits_matrix is not None else 4, "tensor")
     if method == "nq":
-        if rank is not None:
-            raise ParameterError("method='nq' quantizes A directly and takes no rank; drop --rank.")
         return CompressionConfig(method, None, None, None, matrix, 0, 0, seed, blocks)
-    if rank is None:
-        raise ParameterError(
-            f"method={method!r} needs a rank (--rank M) or a budget (--budget BITS_PER_ENTRY)."
-        )
     limit = min(n, d) - 1
     _check_int(
         "rank",
@@ -242,11 +374,6 @@ def make_config(
     bl = 8 if bits_left is None else bits_left
     br = 8 if bits_right is None else bits_right
     if method == "paper":
-        if rounding != "nearest" or n_oversamples or n_power_iter:
-            raise ParameterError(
-                "method='paper' reproduces the reference code exactly: nearest rounding, no "
-                "oversampling, no power iterations. Use method='lplr' for those options."
-            )
         left = QuantizerSpec(bits=16) if bl == 16 else QuantizerSpec.paper(bl)
         right = QuantizerSpec(bits=16) if br == 16 else QuantizerSpec.paper(br)
     else:

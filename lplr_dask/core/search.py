@@ -20,9 +20,11 @@ largest bit width that fits.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from functools import partial
 
 import numpy as np
+from dask.array.utils import meta_from_array
 
 from lplr_dask.core.engine import (
     Stages,
@@ -44,7 +46,7 @@ from lplr_dask.core.methods import (
     orthonormalize,
     times,
 )
-from lplr_dask.core.params import LOW_RANK_METHODS, CompressionConfig, make_config
+from lplr_dask.core.params import CompressionConfig, CompressionOptions
 from lplr_dask.errors import ParameterError
 from lplr_dask.kernels.linalg import gram_pinv, top_eigenvectors
 from lplr_dask.kernels.quantize import QuantizerSpec, block_range
@@ -93,23 +95,28 @@ def _candidate_grid(bits_left, bits_right):
 
 def choose_config(
     matrix: InputMatrix,
+    options: CompressionOptions,
     *,
-    budget: float,
-    method: str,
-    bits_left=None,
-    bits_right=None,
-    bits_matrix=None,
-    group_size=128,
-    n_oversamples=0,
-    n_power_iter=None,
-    seed=0,
-    rounding="nearest",
-    max_rank=512,
     stages: Stages | None = None,
     sample_cols: int = 2048,
-    _samples: dict | None = None,
+    samples: dict | None = None,
 ) -> tuple[CompressionConfig, list[dict]]:
-    """The configuration with the lowest measured error among those within ``budget``.
+    """The configuration with the lowest measured error among those within ``options.budget``.
+
+    Parameters
+    ----------
+    matrix : InputMatrix
+        The opened input (:func:`lplr_dask.storage.inputs.open_input`).
+    options : CompressionOptions
+        With ``budget`` set; ``method``, fixed bit widths, ``group_size``, ``seed``,
+        ``rounding``, ``n_oversamples``, ``n_power_iter`` and ``max_rank`` bound the search.
+    stages : Stages, optional
+        The stage runner (progress, BLAS threads); a new one by default.
+    sample_cols : int, default 2048
+        Columns of A kept (in whole scale groups) to score the candidates exactly on them.
+    samples : dict, optional
+        A cache of column samples shared by several calls (``auto`` scores every method on
+        the same sample, read from A once).
 
     Returns
     -------
@@ -123,54 +130,30 @@ def choose_config(
     ParameterError
         If no configuration of ``method`` fits: the message gives the smallest budget that does.
     """
-    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not budget > 0:
-        raise ParameterError(f"budget={budget!r} must be a positive number of bits per entry.")
     stages = stages or Stages()
-    shape = matrix.shape
+    shape, budget, method = matrix.shape, options.budget, options.method
     if method == "auto":
-        return _choose_auto(
-            matrix,
-            budget=budget,
-            bits_left=bits_left,
-            bits_right=bits_right,
-            bits_matrix=bits_matrix,
-            group_size=group_size,
-            n_oversamples=n_oversamples,
-            n_power_iter=n_power_iter,
-            seed=seed,
-            rounding=rounding,
-            max_rank=max_rank,
-            stages=stages,
-            sample_cols=sample_cols,
-        )
-    samples = {} if _samples is None else _samples
-    kw = dict(
-        method=method,
-        shape=shape,
-        group_size=group_size,
-        seed=seed,
-        rounding=rounding,
-        n_oversamples=n_oversamples,
-        n_power_iter=n_power_iter,
-        block_shape=matrix.block_shape,  # the stored chunks: what the honest bytes count
-    )
+        return _choose_auto(matrix, options, stages=stages, sample_cols=sample_cols)
+    samples = {} if samples is None else samples
+    bits_left, bits_right, bits_matrix = options.bits_left, options.bits_right, options.bits_matrix
+
+    def config(**fields) -> CompressionConfig:
+        # block_shape: the stored chunks, which the honest bytes count
+        opts = replace(options, budget=None, **fields)
+        return opts.resolve(shape, block_shape=matrix.block_shape)
 
     if method == "nq":
         choices = (bits_matrix,) if bits_matrix is not None else (16, *BIT_CHOICES[::-1])
         for b in choices:
-            cfg = make_config(rank=None, bits_matrix=b, **kw)
+            cfg = config(bits_matrix=b)
             if cfg.bits_per_entry(shape) <= budget:
                 return cfg, []
-        raise _too_small(
-            budget, shape, make_config(rank=None, bits_matrix=min(choices), **kw), "nq"
-        )
-    if method not in LOW_RANK_METHODS:
-        make_config(rank=None, **kw)  # raises the unknown-method error
+        raise _too_small(budget, shape, config(bits_matrix=min(choices)), "nq")
 
     def make(m, bl, br, bm=None):
-        return make_config(rank=m, bits_left=bl, bits_right=br, bits_matrix=bm, **kw)
+        return config(rank=m, bits_left=bl, bits_right=br, bits_matrix=bm)
 
-    cap = max(1, min(max_rank, min(shape) - 1 - n_oversamples))
+    cap = max(1, min(options.max_rank, min(shape) - 1 - options.n_oversamples))
     if method == "paper":
         bl, br = bits_left or 8, bits_right or 8
         m = min(cap, max_rank_for(shape, budget=budget, make=lambda r: make(r, bl, br)))
@@ -218,9 +201,9 @@ def choose_config(
             stages=stages,
             sample_cols=sample_cols,
             samples=samples,
-            seed=seed,
+            seed=options.seed,
             method=method,
-            n_power_iter=kw["n_power_iter"],
+            n_power_iter=options.n_power_iter,
         )
         for cand, err in zip(group, errors, strict=False):
             cfg = make(*cand)
@@ -242,7 +225,7 @@ def choose_config(
 AUTO_METHODS = ("lplr", "nq+lplr", "nq")
 
 
-def _choose_auto(matrix: InputMatrix, *, budget: float, stages: Stages, **params):
+def _choose_auto(matrix: InputMatrix, options: CompressionOptions, *, stages, sample_cols):
     """``method="auto"``: the best configuration of every method in :data:`AUTO_METHODS` that
     fits the budget, each scored on the same seeded column sample; the lowest estimated error
     wins. Costs one sketch pass per low-rank method plus reads of the sample."""
@@ -251,7 +234,11 @@ def _choose_auto(matrix: InputMatrix, *, budget: float, stages: Stages, **params
     for method in AUTO_METHODS:
         try:
             cfg, rows = choose_config(
-                matrix, budget=budget, method=method, stages=stages, _samples=samples, **params
+                matrix,
+                replace(options, method=method),
+                stages=stages,
+                sample_cols=sample_cols,
+                samples=samples,
             )
         except ParameterError as exc:
             refused.append(f"{method}: {exc}")
@@ -268,7 +255,7 @@ def _choose_auto(matrix: InputMatrix, *, budget: float, stages: Stages, **params
                         matrix,
                         cfg,
                         stages=stages,
-                        sample_cols=params["sample_cols"],
+                        sample_cols=sample_cols,
                         samples=samples,
                     ),
                 }
@@ -279,7 +266,7 @@ def _choose_auto(matrix: InputMatrix, *, budget: float, stages: Stages, **params
             best = (err, cfg)
     if best is None:
         raise ParameterError(
-            f"budget={budget} bits per entry fits none of {', '.join(AUTO_METHODS)}: "
+            f"budget={options.budget} bits per entry fits none of {', '.join(AUTO_METHODS)}: "
             + " ".join(refused)
         )
     return best[1], table
@@ -361,7 +348,9 @@ def _estimate_errors(
         residual = partial(nq_residual, spec=cfg0.matrix, lo=None, hi=None, seed=seed)
         a = a.map_blocks(residual, dtype=a.dtype)
         (sub,) = stages.persist("search-sample", orig_sub.map_blocks(residual, dtype=a.dtype))
-    s = sketch_matrix(d, k, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
+    s = sketch_matrix(
+        d, k, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=meta_from_array(a)
+    )
     (ext,) = stages.persist("search-sketch", sketch_with_norms(a, s))
     y = ext[:, :k]
     check_finite_input(float(ext[:, -1].sum().compute()), a, matrix.path or "array", stages)

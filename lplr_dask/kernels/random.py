@@ -18,9 +18,11 @@ import numpy as np
 
 __all__ = [
     "SEED_BLOCK",
+    "STREAM_CORANGE",
     "STREAM_DITHER_LEFT",
     "STREAM_DITHER_MATRIX",
     "STREAM_DITHER_RIGHT",
+    "STREAM_ERROR_TEST",
     "STREAM_SKETCH",
     "block_generator",
     "sketch_rows",
@@ -34,6 +36,12 @@ STREAM_DITHER_RIGHT = 2
 STREAM_DITHER_MATRIX = 3
 STREAM_LPLR_SVD_MIX = 4
 STREAM_BASIS_ROTATION = 5
+STREAM_CORANGE = 6
+"""Ψ (ℓ × n), the co-range sketch W = Ψ·A of the single-pass mode, drawn like S (its
+transpose's rows are cut from seed blocks), independent of S."""
+STREAM_ERROR_TEST = 7
+"""Γ (q × n), the test sketch Γ·A of the single-pass mode's error estimate, independent of
+S and Ψ (hence of the factors it tests)."""
 
 
 def block_generator(seed: int, stream: int, *key: int) -> np.random.Generator:
@@ -43,17 +51,27 @@ def block_generator(seed: int, stream: int, *key: int) -> np.random.Generator:
     )
 
 
-def sketch_rows(seed: int, start: int, stop: int, n_cols: int, *, dtype=np.float32) -> np.ndarray:
+def sketch_rows(
+    seed: int,
+    start: int,
+    stop: int,
+    n_cols: int,
+    *,
+    dtype=np.float32,
+    stream: int = STREAM_SKETCH,
+) -> np.ndarray:
     """Rows ``start:stop`` of the Gaussian sketch S with ``n_cols`` columns.
 
     Entries are i.i.d. N(0, 1/n_cols), the paper's scaling. Returns a C-contiguous NumPy array
     of shape (stop - start, n_cols). Cost: at most two seed blocks beyond the rows asked for.
+    ``stream`` draws another matrix the same way: ``STREAM_CORANGE`` gives Ψᵀ and
+    ``STREAM_ERROR_TEST`` Γᵀ of the single-pass mode (n × ℓ and n × q).
     """
     if stop <= start:
         return np.zeros((0, n_cols), dtype=dtype)
     first, last = start // SEED_BLOCK, -(-stop // SEED_BLOCK)
     parts = [
-        block_generator(seed, STREAM_SKETCH, b)
+        block_generator(seed, stream, b)
         .standard_normal((n_cols, SEED_BLOCK), dtype=np.float32)
         .T
         for b in range(first, last)

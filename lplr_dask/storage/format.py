@@ -8,7 +8,13 @@ Layout of a compressed group (format ``lplr-dask``, version 2)::
         L/lo      float32 (1, m)               only for asymmetric quantizers
         R/codes   uint8 (m, ceil(d·B'/8))      packed codes of the right factor (m × d)
         R/hi, R/lo                             ranges, shape QuantizerSpec.range_shape((m, d))
+        R/codebook float32 (1, 2^B')           only for ``kind="lloyd"``: the fitted levels
         Q/...                                  the directly quantized matrix (``nq``, ``nq+lplr``)
+
+Ranges are stored in the quantizer's ``scale_dtype`` (float32, or float16 for 16-bit scales).
+Codebook kinds (``normal``, ``lloyd``, ``sign``) store their per-group scale in ``hi`` (no
+``lo``). The quantizer attribute records the kind and scale dtype when they are not the
+defaults (``minmax``, float32), so min–max outputs keep their attributes of earlier versions.
 
 A factor quantized to 16 bits stores ``codes`` as uint16 float16/bfloat16 bit patterns and no
 ranges. Codes are packed as :mod:`lplr_dask.kernels.packing` describes (``bit_order``). Each factor
@@ -150,6 +156,13 @@ class FactorWriter:
         if hi is not None:
             self.write_ranges(lo, hi, row0=row0, col0=col0)
 
+    def write_codebook(self, codebook) -> None:
+        """Write the fitted levels of a ``lloyd`` quantizer (2^bits float32)."""
+        from lplr_dask.kernels.xp import to_numpy
+
+        book = np.asarray(to_numpy(codebook), dtype=np.float32).reshape(1, -1)
+        self._array("codebook")[:, :] = book
+
     def write_ranges(self, lo, hi, *, row0: int = 0, col0: int = 0) -> None:
         """Write (part of) the range arrays; ``row0, col0`` are coordinates in the factor."""
         from lplr_dask.kernels.xp import to_numpy
@@ -206,7 +219,9 @@ def factor_layout(shape, spec: QuantizerSpec, chunks) -> dict[str, ArrayLayout]:
         "group": (crow, -(-ccol // (spec.group_size or 1))),
     }[spec.granularity]
     for part in ("hi",) if spec.symmetric else ("hi", "lo"):
-        out[part] = ArrayLayout(spec.range_shape((rows, cols)), rchunks, "float32")
+        out[part] = ArrayLayout(spec.range_shape((rows, cols)), rchunks, spec.scale_dtype)
+    if spec.stores_codebook:
+        out["codebook"] = ArrayLayout((1, spec.levels), (1, spec.levels), "float32")
     return out
 
 
@@ -708,13 +723,17 @@ def read_factor_block(
     else:
         csl = slice(None)
     hpath = os.path.join(path, "hi")
-    hi_b = _read_region(hpath, _open_array(hpath), rsl, csl, require=req)
+    hi_b = _read_region(hpath, _open_array(hpath), rsl, csl, require=req).astype(np.float32)
     if spec.symmetric:
         lo_b = -hi_b
     else:
         lpath = os.path.join(path, "lo")
-        lo_b = _read_region(lpath, _open_array(lpath), rsl, csl, require=req)
-    return dequantize(codes, lo_b, hi_b, spec=spec, dtype=dtype)
+        lo_b = _read_region(lpath, _open_array(lpath), rsl, csl, require=req).astype(np.float32)
+    book = None
+    if spec.stores_codebook:
+        bpath = os.path.join(path, "codebook")
+        book = _read_region(bpath, _open_array(bpath), slice(None), slice(None), require=req)
+    return dequantize(codes, lo_b, hi_b, spec=spec, dtype=dtype, codebook=book)
 
 
 def bytes_on_disk(path) -> dict:
