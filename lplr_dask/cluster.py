@@ -7,13 +7,25 @@ import os
 
 from lplr_dask.errors import ParameterError
 
-__all__ = ["dask_client"]
+__all__ = ["READ_AHEAD_THREADS", "dask_client"]
+
+
+READ_AHEAD_THREADS = 1
+"""Threads per local worker beyond one per core it gets: a task that reads a tile of A from
+disk waits on I/O, and with one thread per core the tile's GEMM could only start once the read
+was done. One more thread lets a worker read the next tile while it multiplies this one, so a
+pass runs at the disk's bandwidth whenever the GEMMs are faster than the reads (measured:
+``benchmarks/out_of_core_disk.py``). BLAS stays at one thread per task (the codes do not depend
+on the thread count); memory grows by one tile (64 MiB at 4096²) per worker."""
 
 
 def _default_workers() -> tuple[int, int]:
+    """(worker processes, threads per worker) of the default local cluster: 2 workers sharing
+    the cores (1 on a one-core machine), each with one thread per core plus
+    :data:`READ_AHEAD_THREADS`."""
     cores = os.cpu_count() or 1
     workers = 2 if cores >= 2 else 1
-    return workers, max(1, cores // workers)
+    return workers, max(1, cores // workers) + READ_AHEAD_THREADS
 
 
 @contextlib.contextmanager
@@ -36,7 +48,9 @@ def dask_client(
         ``gpu`` extra). Anything else is taken as the address of a running scheduler, such as
         ``tcp://127.0.0.1:8786``.
     n_workers, threads_per_worker : int, optional
-        For ``"local"``: default 2 workers sharing the cores.
+        For ``"local"``: default 2 workers sharing the cores, each with one thread per core
+        plus :data:`READ_AHEAD_THREADS` (on 2 cores: 2 workers × 2 threads), so that reading
+        a tile overlaps the GEMM of another.
     memory_limit : str or int, default "auto"
         Per-worker memory limit for local clusters (``"1GiB"``, bytes, or ``"auto"``).
     dashboard_address : str, optional

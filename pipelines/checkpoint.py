@@ -1,20 +1,20 @@
 """Prefect flow ``compress-checkpoint``: a safetensors checkpoint, tensor by tensor.
 
-The plan (headers only, every check) is one task; each compressed tensor is one
-``compress-tensor`` task run, submitted to a thread pool so that several tensors' Dask graphs
-run on the cluster at once; ``finalize`` chooses each tensor's configuration (``auto``: the
-knapsack over the measured error curves), writes the compressed checkpoint and publishes it.
-Artifacts: the per-tensor table, a summary, and a progress bar advanced per tensor.
+The plan (headers only, every check) is one task; ``compress-tensors`` runs
+:func:`lplr_dask.checkpoint.run_tensors` on the cluster: one Dask task per tensor that fits a
+worker (``auto``: its estimated curve, then, after the allocation, its one compression), the
+tiled path for larger ones; ``finalize`` writes the compressed checkpoint and publishes it.
+Artifacts: the per-tensor table, a summary, and a progress bar advanced per tensor and step.
 
 The computation is in :mod:`lplr_dask.checkpoint`; tasks run in the flow process and submit
-Dask graphs through a ``distributed.Client`` (see :mod:`pipelines.flows`).
+work through a ``distributed.Client`` (see :mod:`pipelines.flows`).
 """
 
 from __future__ import annotations
 
 import time
 
-from prefect import flow, get_run_logger, task, unmapped
+from prefect import flow, get_run_logger, task
 from prefect.artifacts import (
     create_markdown_artifact,
     create_progress_artifact,
@@ -27,11 +27,12 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from lplr_dask.checkpoint import (
     CheckpointPlan,
     TensorPolicy,
-    compress_tensor,
     finalize_checkpoint,
     plan_checkpoint,
+    run_tensors,
     tensor_rows,
 )
+from lplr_dask.checkpoint.measure import DEFAULT_STAGE_THRESHOLD
 from lplr_dask.storage.fs import check_output_path, scratch_dir
 from pipelines.config import ClusterConfig
 
@@ -61,24 +62,32 @@ def plan_task(src: str, budget: float, method: str, policy: dict, seed: int, gro
     return plan
 
 
-@task(name="compress-tensor", cache_policy=NONE, retries=1, retry_delay_seconds=3)
-def tensor_task(entry: dict, work_dir: str, progress_id, counter: list, total: int) -> dict:
-    t0 = time.perf_counter()
-    curve = compress_tensor(entry, work_dir=work_dir)
-    counter.append(entry["name"])  # list.append is atomic under the GIL
-    update_progress_artifact(
-        progress_id,
-        100.0 * len(counter) / max(total, 1),
-        description=f"{len(counter)}/{total} tensors measured",
+@task(name="compress-tensors", cache_policy=NONE, retries=1, retry_delay_seconds=3)
+def tensors_task(plan: CheckpointPlan, work_dir: str, progress_id, stage_threshold_bytes: int):
+    logger = get_run_logger()
+    steps = 2 if plan.method == "auto" else 1
+
+    def on_tensor(event):
+        part = 0 if event["step"] == "estimate" or steps == 1 else 1
+        update_progress_artifact(
+            progress_id,
+            100.0 * (part + event["done"] / max(event["total"], 1)) / steps,
+            description=f"{event['step']}: {event['done']}/{event['total']} tensors",
+        )
+        logger.info(
+            "%s %s (%s): %.2f s [%d/%d]",
+            event["step"],
+            event["name"],
+            event["path"],
+            event["seconds"],
+            event["done"],
+            event["total"],
+        )
+
+    out = run_tensors(
+        plan, work_dir, stage_threshold_bytes=stage_threshold_bytes, on_tensor=on_tensor
     )
-    get_run_logger().info(
-        "%s %s: %d candidates in %.2f s",
-        entry["name"],
-        "×".join(map(str, entry["shape"])),
-        len(curve["points"]),
-        time.perf_counter() - t0,
-    )
-    return {"name": entry["name"], "candidates": len(curve["points"])}
+    return {"allocation": out["allocation"], "seconds": out["seconds"]}
 
 
 @task(name="finalize", cache_policy=NONE, **IO_RETRY)
@@ -86,7 +95,7 @@ def finalize_task(plan: CheckpointPlan, dst: str, work_dir: str, overwrite: bool
     return finalize_checkpoint(plan, dst, work_dir=work_dir, overwrite=overwrite, seconds=seconds)
 
 
-@flow(name="compress-checkpoint", task_runner=ThreadPoolTaskRunner(max_workers=4))
+@flow(name="compress-checkpoint", task_runner=ThreadPoolTaskRunner(max_workers=2))
 def compress_checkpoint_flow(
     src: str,
     dst: str,
@@ -98,6 +107,7 @@ def compress_checkpoint_flow(
     cluster: ClusterConfig = ClusterConfig(),  # noqa: B008
     work_dir: str | None = None,
     overwrite: bool = False,
+    stage_threshold_bytes: int = DEFAULT_STAGE_THRESHOLD,
 ) -> dict:
     """Compress a Hugging Face-style safetensors checkpoint directory into DST.
 
@@ -108,16 +118,19 @@ def compress_checkpoint_flow(
     budget : float, default 4.0
         Bits per compressed parameter, over all compressed tensors together.
     method : str, default "auto"
-        ``auto`` (per-tensor method, rank and bits from measured error curves) or one of
+        ``auto`` (per-tensor method, rank and bits from the planner's estimated curves, then
+        one compression per tensor) or one of
         ``lplr``, ``paper``, ``nq``, ``nq+lplr``, ``dsvd``, ``lplr-svd``.
     policy : dict, optional
         :class:`lplr_dask.checkpoint.TensorPolicy` fields (which tensors, overrides).
     seed, group_size : int
     cluster : ClusterConfig
     work_dir : str, optional
-        Keep the per-tensor measurements here (reused by later runs at other budgets); by
+        Keep the per-tensor estimates and compressions here (reused by later runs); by
         default a temporary directory beside DST, removed at the end.
     overwrite : bool, default False
+    stage_threshold_bytes : int, default 256 MiB
+        Larger tensors (and those too large for a worker's memory) take the tiled path.
 
     Returns
     -------
@@ -128,15 +141,10 @@ def compress_checkpoint_flow(
     t0 = time.perf_counter()
     out = check_output_path(dst, overwrite=overwrite, inputs=[src])
     plan = plan_task(src, budget, method, policy or {}, seed, group_size)
-    entries = [e.to_dict() for e in plan.compressed]
     progress = create_progress_artifact(0.0, key="lplr-checkpoint-progress", description="plan")
     with scratch_dir(out, work_dir) as work, cluster.client() as client:
         logger.info("Dask dashboard %s", client.dashboard_link)
-        done: list[str] = []
-        futures = tensor_task.map(
-            entries, unmapped(str(work)), unmapped(progress), unmapped(done), unmapped(len(entries))
-        )
-        futures.result()  # raises the first failure
+        tensors_task(plan, str(work), progress, stage_threshold_bytes)
         result = finalize_task(plan, str(out), str(work), overwrite, time.perf_counter() - t0)
     create_table_artifact(
         tensor_rows(result.tensors), key="lplr-checkpoint-tensors", description=f"{src} → {dst}"

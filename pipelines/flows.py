@@ -148,6 +148,8 @@ def _result_row(r: dict) -> dict:
         "bits (B/B'/B_nq)": bits,
         "bits_per_entry": round(r["bits_per_entry"], 4),
         "rel_fro_error": round(r["rel_fro_error"], 6),
+        "passes": r.get("passes", 2),
+        "error": "estimated" if r.get("error_is_estimate") else "exact",
         "seconds": round(r["seconds"], 2),
         "throughput_MB_per_s": round(n * d * itemsize / 1e6 / max(r["seconds"], 1e-9), 1),
         "reused_stages": ", ".join(r.get("reused_stages") or []) or "-",
@@ -177,6 +179,8 @@ def _report(job: CompressionJob, result: dict, stage_rows: list[dict], dashboard
         "",
         f"Job key `{job.key[:16]}`; work directory `{job.work_dir}` (removed on success).",
     ]
+    if result.get("error_method"):  # passes=1: how the error was obtained
+        lines += ["", f"Error ({result['passes']} pass): {result['error_method']}"]
     verify = job.records.get("verify")
     if verify and "independent_rel_fro_error" in verify.values:
         lines.append(

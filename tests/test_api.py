@@ -17,6 +17,7 @@ from lplr_dask import (
     ParameterError,
     compress,
 )
+from lplr_dask.core.planner import FAMILIES
 from lplr_dask.storage.format import bytes_on_disk
 from lplr_dask.storage.reader import open_compressed, relative_error
 
@@ -138,11 +139,13 @@ def test_different_seed_different_codes(tmp_path, decaying):
 
 def test_codes_on_disk_match_reported_bits(tmp_path):
     """The chunk payloads on disk equal the bit accounting, here with chunks that divide the
-    arrays (edge chunks padded by Zarr are counted too: tests/test_inputs_integrity.py)."""
+    arrays (edge chunks padded by Zarr are counted too: tests/storage/test_inputs.py)."""
     a = known_spectrum(1024, 512, 10 * 0.9 ** np.arange(30), noise=1e-2)
     src = write_zarr(tmp_path / "A.zarr", a, (256, 256))
     out = tmp_path / "o.zarr"
-    res = compress(src, out, rank=32, bits_left=3, bits_right=5, block_shape=(256, 128))
+    res = compress(
+        src, out, rank=32, bits_left=3, bits_right=5, block_shape=(256, 128), quantizer="minmax"
+    )
     n, d, m = 1024, 512, 32
     expected = (n * m * 3 + m * d * 5) // 8 + 4 * m + 4 * m * (d // 128)
     assert res.stored_bytes == expected
@@ -282,15 +285,15 @@ def test_bad_parameters(tmp_path, decaying_zarr, kw, match):
     "kind, budget", [("low-rank", 1.0), ("full-rank", 4.5)], ids=["low-rank", "full-rank"]
 )
 def test_auto_is_the_best_method_on_its_sample(tmp_path, decaying, kind, budget):
-    """auto scores lplr, nq+lplr and nq on one column sample and takes the lowest estimate;
-    the published error is then no worse than each method run on its own (up to the sample
-    estimate's error, a few percent relative here)."""
+    """auto scores every family of the planner on one column sample and takes the lowest
+    estimate; the published error is then no worse than each method run on its own (up to
+    the sample estimate's error, a few percent relative here)."""
     rng = np.random.default_rng(0)
     a = decaying if kind == "low-rank" else rng.standard_normal((1200, 700)).astype(np.float32)
     src = write_zarr(tmp_path / "A.zarr", a, (300, 256))
     res = compress(src, tmp_path / "auto.zarr", method="auto", budget=budget)
     assert res.bits_per_entry <= budget
-    assert {r["method"] for r in res.budget_search} <= {"lplr", "nq+lplr", "nq"}
+    assert {r["method"] for r in res.budget_search} <= set(FAMILIES)
     best = min(r["estimated_rel_error"] for r in res.budget_search)
     chosen = [r for r in res.budget_search if r["method"] == res.method]
     assert min(r["estimated_rel_error"] for r in chosen) == best

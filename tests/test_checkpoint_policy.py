@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lplr_dask.checkpoint.policy import (
+    Candidate,
     TensorPolicy,
     allocate,
     candidate_set,
@@ -86,12 +87,20 @@ def test_auto_candidates_hold_every_single_method():
 
 
 def test_nq_bits_for_budget_is_exact():
-    # symmetric group-wise codes: b bits + one float32 per 128 entries = b + 0.25
-    assert nq_bits_for_budget((256, 256), budget=4.25, group_size=128) == 4
-    assert nq_bits_for_budget((256, 256), budget=4.24, group_size=128) == 3
-    assert nq_bits_for_budget((256, 256), budget=1.2, group_size=128) is None
-    cfg = CompressionOptions(method="nq", bits_matrix=3, group_size=128).resolve((256, 256))
-    assert cfg.bits_per_entry((256, 256)) == 3.25
+    # b-bit codes plus the default quantizer's group scales (b + 0.25 with float32 scales per
+    # 128 entries, b + 0.125 with 16-bit ones) and codebook: the exact bits decide, to the bit.
+    shape = (256, 256)
+
+    def bpe(b):
+        opts = CompressionOptions(method="nq", bits_matrix=b, group_size=128)
+        return opts.resolve(shape).bits_per_entry(shape)
+
+    assert 4.0 < bpe(4) <= 4.25
+    assert nq_bits_for_budget(shape, budget=bpe(4), group_size=128) == 4
+    assert nq_bits_for_budget(shape, budget=bpe(4) - 1e-9, group_size=128) == 3
+    assert nq_bits_for_budget(shape, budget=bpe(1) - 1e-9, group_size=128) is None
+    minmax = CompressionOptions(method="nq", bits_matrix=3, group_size=128, quantizer="minmax")
+    assert minmax.resolve(shape).bits_per_entry(shape) == 3.25  # one float32 per 128 entries
 
 
 def brute_force(curves, total_bits):
@@ -130,7 +139,14 @@ def test_allocate_is_optimal_on_convex_curves():
 
 
 def test_allocate_keeps_the_budget_and_beats_baselines_on_random_curves():
+    """On 200 random (non-convex) problems of 4 tensors: within budget, never worse than a
+    feasible baseline, and close to the brute-force optimum. The Lagrangian solution plus the
+    greedy fill is the LP relaxation of the multiple-choice knapsack rounded down on at most
+    one tensor, so its gap to the optimum is at most one tensor's error span (max − min error
+    of its curve); measured here, 190 of the 200 problems are solved exactly, and the bound
+    of 180 catches a fill or bisection that stops early."""
     rng = np.random.default_rng(0)
+    exact = 0
     for _ in range(200):
         curves = {}
         for t in range(4):
@@ -151,7 +167,12 @@ def test_allocate_keeps_the_budget_and_beats_baselines_on_random_curves():
             if b_bits <= tb:
                 assert err <= b_err
         opt = brute_force(curves, tb)[0]
-        assert err >= opt - 1e-9
+        span = max(
+            max(e for _, e in c.values()) - min(e for _, e in c.values()) for c in curves.values()
+        )
+        assert opt - 1e-9 <= err <= opt + span + 1e-9
+        exact += err <= opt + 1e-9
+    assert exact >= 180
 
 
 def test_allocate_refuses_an_impossible_budget():
@@ -160,3 +181,28 @@ def test_allocate_refuses_an_impossible_budget():
         allocate(curves, total_bits=149)
     assert allocate(curves, total_bits=150) == {"a": "x", "b": "y"}
     assert allocate(curves, total_bits=1000) == {"a": "x", "b": "z"}
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [
+        dict(method="nq", bits_matrix=3),  # the default quantizer of Q(A)
+        dict(method="lplr", rank=17, bits_left=4, bits_right=2),
+        dict(method="nq+lplr", rank=5, bits_left=4, bits_right=4, bits_matrix=2),
+        dict(method="dsvd", rank=9, bits_left=8, bits_right=8),  # default power iterations
+        dict(method="lplr", rank=9, bits_left=3, bits_right=3, n_power_iter=1),
+        dict(method="lplr", rank=9, bits_left=3, bits_right=3, quantizer="minmax"),
+        dict(method="paper", rank=12, bits_left=8, bits_right=8),
+    ],
+)
+def test_candidate_from_config_reproduces_the_planners_point(fields):
+    """A planner's point is a resolved configuration; its candidate's options resolve to the
+    same configuration (the one compression runs exactly what was scored), and equal
+    configurations get equal keys."""
+    shape = (200, 300)
+    cfg = CompressionOptions(**fields).resolve(shape)
+    cand = Candidate.from_config(cfg, shape)
+    assert cand is not None
+    assert cand.options.resolve(shape) == cfg
+    assert Candidate.from_config(cand.options.resolve(shape), shape).key == cand.key
+    assert Candidate.from_dict(cand.to_dict()) == cand

@@ -32,22 +32,30 @@ built from the same pieces (one module each: ``plan``, ``measure``, ``run``; wit
 
 1. :func:`plan_checkpoint` reads only headers, validates everything and decides per tensor
    (compress with which candidate configurations, or pass through); JSON-serialisable;
-2. :func:`compress_tensor` measures one tensor's candidates with the real engine into a work
-   directory (skipping those already there, so one measurement serves several budgets);
-3. :func:`finalize_checkpoint` solves the allocation (``auto``), copies the chosen groups, the
-   passthrough tensors and the other files into a temporary sibling of DST and publishes it.
+2. :func:`run_tensors`: for ``auto``, every tensor's rate–distortion curve from the planner
+   (:func:`estimate_tensor`: estimates, no compression), the allocation over those curves
+   (:func:`choose_candidates`), then exactly one compression per tensor
+   (:func:`compress_tensor`, the real engine, into a work directory); tensors that fit a
+   worker's memory run as one Dask task each, read on the worker by name;
+3. :func:`finalize_checkpoint` copies the chosen groups, the passthrough tensors and the other
+   files into a temporary sibling of DST and publishes it.
 
 Tensors are read lazily (``safe_open``/``get_slice``): a tensor larger than
 ``stage_threshold_bytes`` is staged into a tiled Zarr array row slab by row slab and compressed
 out of core from there; smaller ones are compressed from memory.
 """
 
-from lplr_dask.checkpoint.measure import compress_tensor
+from lplr_dask.checkpoint.measure import compress_tensor, estimate_tensor
 from lplr_dask.checkpoint.plan import CheckpointPlan, TensorEntry, plan_checkpoint
 from lplr_dask.checkpoint.policy import TensorPolicy
 from lplr_dask.checkpoint.report import CheckpointResult, checkpoint_info, tensor_rows, tensor_table
 from lplr_dask.checkpoint.restore import restore_checkpoint
-from lplr_dask.checkpoint.run import compress_checkpoint, finalize_checkpoint
+from lplr_dask.checkpoint.run import (
+    choose_candidates,
+    compress_checkpoint,
+    finalize_checkpoint,
+    run_tensors,
+)
 from lplr_dask.checkpoint.safetensors_io import shard_checkpoint
 
 __all__ = [
@@ -56,11 +64,14 @@ __all__ = [
     "TensorEntry",
     "TensorPolicy",
     "checkpoint_info",
+    "choose_candidates",
     "compress_checkpoint",
     "compress_tensor",
+    "estimate_tensor",
     "finalize_checkpoint",
     "plan_checkpoint",
     "restore_checkpoint",
+    "run_tensors",
     "shard_checkpoint",
     "tensor_rows",
     "tensor_table",

@@ -21,7 +21,6 @@ from lplr_dask.checkpoint.policy import (
     TensorPolicy,
     candidate_set,
     classify,
-    method_candidate,
     min_bits,
     override_candidate,
 )
@@ -185,8 +184,10 @@ def _scan_source(src) -> dict:
 class TensorEntry:
     """The decision for one tensor of the source checkpoint (JSON-serialisable).
 
-    ``action`` is ``"compress"`` (with its ``candidates``, measured by :func:`compress_tensor`)
-    or ``"passthrough"`` (``reason`` says why).
+    ``action`` is ``"compress"`` or ``"passthrough"`` (``reason`` says why). A compressed
+    tensor of a single method or an override has one candidate; under ``auto`` it has none:
+    its candidates are the planner's curve (:func:`~lplr_dask.checkpoint.measure.estimate_tensor`)
+    and the allocation picks one.
     """
 
     name: str
@@ -199,7 +200,7 @@ class TensorEntry:
     candidates: list = field(default_factory=list)
     seed: int = 0
     baselines: dict = field(default_factory=dict)
-    """For ``auto``: {method: candidate key} of each single method at the plan's budget."""
+    """Unused since the planner's curves (kept for plans written by earlier versions)."""
 
     @property
     def numel(self) -> int:
@@ -285,8 +286,9 @@ def plan_checkpoint(
     policy : TensorPolicy, optional
         Which tensors are compressed and per-tensor overrides (default ``TensorPolicy()``).
     candidate_budgets : sequence of float, default (2, 3, 4)
-        ``auto`` measures ``lplr``, ``paper`` and ``nq+lplr`` at these budgets and ``budget``.
-        Keep them fixed across runs that share a work directory so measurements are reused.
+        ``auto`` asks the planner for each tensor's curve at these budgets and ``budget``
+        (``nq`` at 1–8 bits besides). Keep them fixed across runs that share a work directory
+        so estimates are reused.
     seed : int, default 0
     group_size : int, default 128
         Group size of the group-wise quantizers.
@@ -339,6 +341,9 @@ def plan_checkpoint(
                     cand = override_candidate(override, shape, budget=budget, group_size=group_size)
                     cands = [cand]
                     need = 0.0
+                elif method == AUTO:
+                    cands = []  # auto: the planner's curve, estimated when the tensor is read
+                    need = min_bits(method, shape, group_size=group_size, seed=seed)
                 else:
                     cands = candidate_set(
                         shape,
@@ -355,13 +360,6 @@ def plan_checkpoint(
                             f"{method!r} on tensor {name} {shape[0]}×{shape[1]}: it needs at "
                             f"least {need:.4f}. Raise the budget, or use method='auto'."
                         )
-                    if method == AUTO:
-                        for m in ("nq", "lplr", "paper", "nq+lplr"):
-                            c = method_candidate(
-                                m, shape, budget=budget, group_size=group_size, seed=seed
-                            )
-                            if c is not None:
-                                entry.baselines[m] = c.key
                 entry.candidates = [c.to_dict() for c in cands]
                 need_bits += need * entry.numel
                 total_numel += entry.numel

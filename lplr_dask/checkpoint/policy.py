@@ -1,16 +1,19 @@
 """Which tensors of a checkpoint are compressed, with what candidates, and the ``auto`` allocation.
 
-Pure functions, no I/O: the checkpoint layer (:mod:`lplr_dask.checkpoint`) measures every
-candidate with the real engine and hands the measured curves to :func:`allocate`.
+Pure functions, no I/O: the checkpoint layer (:mod:`lplr_dask.checkpoint`) asks the planner
+for every tensor's curve of candidates (estimated errors, no compression) and hands the curves
+to :func:`allocate`; only the chosen candidate of each tensor is then compressed.
 
-The ``auto`` policy follows LQ-LoRA's integer program: each compressed tensor t has a measured
-curve of candidates c with stored bits b_tc (8 × stored bytes, exact) and absolute squared
-Frobenius error e_tc = ‖W_t − Ŵ_tc‖². Choose one candidate per tensor to minimise Σ_t e_t under
+The ``auto`` policy follows LQ-LoRA's integer program: each compressed tensor t has a curve of
+candidates c with stored bits b_tc (8 × stored bytes, exact) and absolute squared Frobenius
+error e_tc = ‖W_t − Ŵ_tc‖² (the planner's estimate). Choose one candidate per tensor to
+minimise Σ_t e_t under
 Σ_t b_t ≤ budget · Σ_t n_t. :func:`allocate` solves the Lagrangian relaxation
 min Σ_t (e_tc + λ b_tc) by bisection on λ, fills the remaining slack greedily (best error drop
 per bit first), and finally compares the result with every baseline assignment it is given (the
-single methods at the same budget, whose configurations are in the candidate set): so ``auto``
-is never worse than the best single method, by construction.
+single methods at the same budget: per tensor the method's best point within the budget, from
+the same curves): so ``auto`` is never worse than the best single method on the estimates, by
+construction; the real errors are measured by the one compression of each tensor.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
-from lplr_dask.core.params import METHODS, CompressionOptions
+from lplr_dask.core.params import METHODS, CompressionConfig, CompressionOptions
 from lplr_dask.errors import ParameterError
 
 __all__ = [
@@ -223,6 +226,44 @@ class Candidate:
     def from_dict(cls, d: Mapping) -> Candidate:
         return cls(d["key"], CompressionOptions.from_dict(d["options"]))
 
+    @classmethod
+    def from_config(cls, config: CompressionConfig, shape) -> Candidate | None:
+        """The candidate whose options resolve to ``config`` on ``shape`` (a planner's point),
+        or None when no options reproduce it (per-factor quantizer kinds that are not the
+        defaults, say)."""
+        group = next(
+            (s.group_size for s in (config.right, config.matrix) if s is not None and s.group_size),
+            None,
+        )
+        fields = {
+            "method": config.method,
+            "rank": config.rank,
+            "bits_left": config.left.bits if config.left is not None else None,
+            "bits_right": config.right.bits if config.right is not None else None,
+            "bits_matrix": config.matrix.bits if config.matrix is not None else None,
+            "group_size": group or 0,
+        }
+        fields = {k: v for k, v in fields.items() if v is not None}
+        extra = {}
+        if config.n_oversamples:
+            extra["n_oversamples"] = config.n_oversamples
+        kinds = {s.kind for s in (config.left, config.right, config.matrix) if s is not None}
+        for quantizer in (None, *sorted(kinds)):
+            for power in dict.fromkeys((None, config.n_power_iter)):
+                kw = dict(extra)
+                if quantizer is not None:
+                    kw["quantizer"] = quantizer
+                if power is not None:
+                    kw["n_power_iter"] = power
+                try:
+                    opts = CompressionOptions.of(None, **fields, **kw)
+                    same = opts.resolve(shape, block_shape=config.block_shape) == config
+                except ParameterError:
+                    continue
+                if same:
+                    return cls(_key({**fields, **kw}), opts)
+        return None
+
 
 def _fmt(b: float) -> str:
     return f"{float(b):g}"
@@ -238,9 +279,13 @@ def _key(kwargs: Mapping) -> str:
         ("bits_left", "bl"),
         ("bits_right", "br"),
         ("group_size", "g"),
+        ("n_power_iter", "p"),
+        ("n_oversamples", "o"),
     ):
         if kwargs.get(k) is not None:
             parts.append(f"{tag}{_fmt(kwargs[k])}")
+    if kwargs.get("quantizer") is not None:
+        parts.append(f"k{kwargs['quantizer']}")
     return "-".join(parts)
 
 

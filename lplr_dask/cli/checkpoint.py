@@ -96,9 +96,14 @@ def cmd_compress(args) -> int:
     )
     plan_checkpoint(args.src, **kw)
 
-    def progress(name, i, n):
+    def progress(event):
         if not args.json:
-            print(f"[{i + 1}/{n}] {name}", file=sys.stderr)
+            print(
+                f"[{event['step']} {event['done']}/{event['total']}] {event['name']} "
+                f"({event['path']}, {event['seconds']:.2f} s)",
+                file=sys.stderr,
+                flush=True,
+            )
 
     with _scheduler(args):
         res = compress_checkpoint(
@@ -169,8 +174,9 @@ def _cluster_args(p):
     cli_cluster_args(
         p,
         default="threads",
-        help="'threads' (this process, default: fine for checkpoints of small tensors), "
-        "'local' (a LocalCluster), 'cuda', or a scheduler ADDRESS",
+        help="'threads' (a thread pool in this process, default), 'local' (a LocalCluster of "
+        "worker processes: one task per tensor spread over them), 'cuda', or a scheduler "
+        "ADDRESS",
         progress=False,
     )
 
@@ -203,7 +209,8 @@ def add_parser(sub) -> None:
         type=float,
         nargs="+",
         metavar="B",
-        help="auto: budgets at which lplr, paper and nq+lplr are measured (default 2 3 4)",
+        help="auto: budgets at which the planner scores the low-rank methods for each "
+        "tensor's curve, besides --budget (default 2 3 4)",
     )
     p.add_argument("--include", action="append", metavar="PATTERN", help="glob or re:REGEX")
     p.add_argument("--exclude", action="append", metavar="PATTERN", help="glob or re:REGEX")
@@ -219,12 +226,15 @@ def add_parser(sub) -> None:
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--work-dir", help="keep measurements here to reuse them (default: temporary)")
+    p.add_argument(
+        "--work-dir", help="keep estimates and compressions here to reuse them (default: temporary)"
+    )
     p.add_argument(
         "--stage-threshold-mib",
         type=float,
         default=256,
-        help="tensors larger than this are staged into tiled Zarr and compressed out of core",
+        help="tensors larger than this (or than a worker's memory allows) are staged into "
+        "tiled Zarr and compressed out of core; smaller ones run as one Dask task each",
     )
     p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")

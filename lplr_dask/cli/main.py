@@ -28,6 +28,7 @@ from lplr_dask.cli.common import (
 )
 from lplr_dask.core.params import METHODS, ROUNDINGS, CompressionOptions
 from lplr_dask.errors import LPLRError, ParameterError
+from lplr_dask.kernels.quantize import QUANTIZERS
 
 __all__ = ["main"]
 
@@ -39,10 +40,22 @@ def _summary_lines(r: dict) -> list[str]:
     stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_seconds"].items())
     return [
         f"{r['method']}: {r['shape'][0]}×{r['shape'][1]} → rank {r.get('rank')} {bits}",
-        f"  relative Frobenius error {r['rel_fro_error']:.6f}",
+        f"  relative Frobenius error {r['rel_fro_error']:.6f}{_error_note(r)}",
         f"  {r['bits_per_entry']:.4f} bits per entry, {r['stored_bytes']:,} bytes stored",
         f"  {r['seconds']:.2f} s ({stages})",
     ]
+
+
+def _error_note(r: dict) -> str:
+    """How a single-pass error was obtained (nothing for the exact two-pass statistics)."""
+    if r.get("error_is_estimate"):
+        return (
+            " (estimated in the single pass from a test sketch; --verify measures it exactly "
+            "with a second pass)"
+        )
+    if r.get("estimated_rel_fro_error") is not None:
+        return f" (exact, verify pass; single-pass estimated {r['estimated_rel_fro_error']:.6f})"
+    return ""
 
 
 OPTION_FLAGS = {
@@ -57,7 +70,7 @@ OPTION_FLAGS = {
     "bits_matrix": dict(type=int, metavar="B_NQ", help="bits per entry of Q(A): nq, nq+lplr"),
     "method": dict(
         choices=METHODS,
-        help="auto (with --budget): the best of lplr, nq+lplr and nq on a column sample",
+        help="auto (with --budget or --max-error): the best of every method on a column sample",
     ),
     "seed": dict(type=int),
     "group_size": dict(
@@ -67,6 +80,10 @@ OPTION_FLAGS = {
     "n_oversamples": dict(type=int),
     "n_power_iter": dict(type=int, help="default 0 (2 for dsvd and lplr-svd)"),
     "rounding": dict(choices=ROUNDINGS),
+    "quantizer": dict(
+        choices=QUANTIZERS,
+        help="the level set of every factor (default: measured per factor; paper: minmax)",
+    ),
     "block_shape": dict(
         type=int,
         nargs=2,
@@ -74,11 +91,27 @@ OPTION_FLAGS = {
         help="canonical block grid of the computation and chunk shape of the factors "
         "(default: at most 4096 4096, in nearly equal blocks)",
     ),
-    "max_rank": dict(type=int, help="largest rank --budget considers"),
+    "max_rank": dict(type=int, help="largest rank --budget or --max-error considers (no cap)"),
     "passes": dict(
         type=int,
         choices=(1, 2),
         help="passes over INPUT: 1 sketches range and co-range in one read (error estimated)",
+    ),
+    "corange_size": dict(
+        type=int,
+        metavar="L",
+        help="--passes 1: rows of the co-range sketch, rank + 2 to n (default 4·rank + 1)",
+    ),
+    "max_error": dict(
+        type=float,
+        metavar="E",
+        help="the fewest bits per entry whose relative Frobenius error is at most E (0 < E < 1)",
+    ),
+    "max_passes": dict(
+        type=int,
+        metavar="P",
+        help="most passes over INPUT of the chosen method (default: unbounded up to 4 GiB, "
+        "3 beyond)",
     ),
 }
 """The flags of :class:`~lplr_dask.core.params.CompressionOptions`' fields; defaults and
@@ -86,8 +119,8 @@ validation come from that class (a flag not given leaves the field at its defaul
 
 
 def option_flags(p: argparse.ArgumentParser) -> None:
-    """Add a flag for every field of CompressionOptions (``--rank`` and ``--budget`` are
-    mutually exclusive)."""
+    """Add a flag for every field of CompressionOptions (``--rank``, ``--budget`` and
+    ``--max-error`` are mutually exclusive)."""
     defaults = {f.name: f.default for f in fields(CompressionOptions)}
     assert set(OPTION_FLAGS) == set(defaults), "a CompressionOptions field has no flag"
     size = p.add_mutually_exclusive_group()
@@ -96,7 +129,7 @@ def option_flags(p: argparse.ArgumentParser) -> None:
         text = kw.get("help", "")
         if default is not None:
             text = f"{text} (default {default})" if text else f"default {default}"
-        target = size if name in ("rank", "budget") else p
+        target = size if name in ("rank", "budget", "max_error") else p
         target.add_argument(
             "--" + name.replace("_", "-"), default=argparse.SUPPRESS, **{**kw, "help": text}
         )
@@ -159,6 +192,8 @@ def cmd_info(args) -> int:
             f"  {name}: {spec['bits']}-bit {spec['granularity']}"
             + (f"({spec['group_size']})" if spec.get("group_size") else "")
             + (" symmetric" if spec["symmetric"] else " asymmetric")
+            + (f" {spec['kind']}" if spec.get("kind") else "")
+            + (f", {spec['scale_dtype']} scales" if spec.get("scale_dtype") else "")
             for name, spec in meta["factors"].items()
         ),
         f"  codes and scales on disk: {meta['bytes_on_disk']['arrays']:,} bytes "
@@ -200,14 +235,16 @@ def cmd_error(args) -> int:
     record = {
         "rel_fro_error": err,
         "reported_rel_fro_error": cm.meta["rel_fro_error"],
+        "reported_error_is_estimate": bool(cm.meta.get("error_is_estimate", False)),
         "shape": list(cm.shape),
         "seconds": time.perf_counter() - t0,
     }
+    how = "estimated in one pass" if record["reported_error_is_estimate"] else "reported"
     emit(
         args,
         record,
         [
-            f"relative Frobenius error {err:.6f} (reported at compression: "
+            f"relative Frobenius error {err:.6f} ({how} at compression: "
             f"{cm.meta['rel_fro_error']:.6f})"
         ],
     )

@@ -42,7 +42,8 @@ def compress(
         where each is described): ``method`` (default ``"lplr"``), ``rank`` (m), ``budget``
         (bits per entry), ``bits_left`` (B), ``bits_right`` (B′), ``bits_matrix`` (B_nq),
         ``group_size`` (128), ``n_oversamples`` (0), ``n_power_iter``, ``seed`` (0),
-        ``rounding`` (``"nearest"``), ``block_shape``, ``max_rank`` (512).
+        ``rounding`` (``"nearest"``), ``block_shape``, ``max_error`` (E: the fewest bits
+        whose error is at most E), ``max_passes``, ``max_rank`` (no cap by default).
     **option_fields
         The same fields as keywords (``compress(a, out, rank=64, bits_left=4)``), replacing
         those of ``options``; validated once, here.
@@ -66,7 +67,8 @@ def compress(
     Returns
     -------
     CompressionResult
-        The measured ``rel_fro_error`` (exact, from LᵀA and LᵀL, no extra pass),
+        The measured ``rel_fro_error`` (exact, from LᵀA and LᵀL, no extra pass; with
+        ``passes=1`` an estimate, ``error_is_estimate=True``, unless ``verify`` measured it),
         ``bits_per_entry`` = 8 · stored bytes / (n·d), where the stored bytes are the chunk
         payloads on disk (edge chunks padded; checksums and metadata aside), timings and the
         configuration.
@@ -74,9 +76,10 @@ def compress(
     Notes
     -----
     Passes over A: 2 for ``lplr`` (+2 per power iteration, +1 with oversampling), +1 pass over
-    a column sample and one sketch for ``budget``. Memory beyond one tile per worker thread:
-    the n × (m + p) sketch and basis and the m × d_panel projection partials, on the workers.
-    The driver holds only m × m matrices.
+    a column sample and one sketch for ``budget``; 1 with ``passes=1`` (+1 with ``verify``).
+    Memory beyond one tile per worker thread: the n × (m + p) sketch and basis and the
+    m × d_panel projection partials, on the workers (``passes=1``: also W, ℓ × d float64).
+    The driver holds only m × m matrices (``passes=1``: ℓ × m).
 
     References
     ----------

@@ -39,6 +39,7 @@ from lplr_dask.kernels.quantize import (
     stats_ranges,
 )
 from lplr_dask.kernels.random import (
+    STREAM_CODEBOOK_SAMPLE,
     STREAM_DITHER_LEFT,
     STREAM_DITHER_RIGHT,
     block_generator,
@@ -70,7 +71,14 @@ class _OneBlasThread(WorkerPlugin):
 _CLIENTS_WITH_PLUGIN: set[str] = set()
 
 
+LOCAL_SCHEDULERS = ("sync", "synchronous", "single-threaded")
+"""``dask.config.set(scheduler=...)`` names that keep every stage in the calling thread, even
+with a distributed client in the process (a whole compression inside one Dask task)."""
+
+
 def _client():
+    if dask.config.get("scheduler", None) in LOCAL_SCHEDULERS:
+        return None
     try:
         from distributed import default_client
 
@@ -142,7 +150,7 @@ def sketch_matrix(d: int, k: int, *, seed: int, row_chunks, dtype, meta=None) ->
     like = meta if meta is not None else np.empty((0, 0), dtype=dtype)
     name = "lplr-sketch-" + tokenize(seed, d, k, row_chunks, np.dtype(dtype).str, type(like))
     bounds = np.cumsum((0, *row_chunks))
-    dsk = {
+    dsk: dict = {
         (name, j, 0): (_sketch_block, seed, int(bounds[j]), int(bounds[j + 1]), k, dtype, like)
         for j in range(len(row_chunks))
     }
@@ -236,7 +244,7 @@ def sketch_with_norms(a: da.Array, s: da.Array) -> da.Array:
 def tile_sumsq(a: da.Array) -> da.Array:
     """Per-block Σ a² (float64), an I × J array; NaN/Inf in a block make its entry non-finite."""
     chunks = ((1,) * a.numblocks[0], (1,) * a.numblocks[1])
-    return a.map_blocks(_sumsq, chunks=chunks, dtype=np.float64, meta=np.empty((0, 0)))
+    return da.map_blocks(_sumsq, a, chunks=chunks, dtype=np.float64, meta=np.empty((0, 0)))
 
 
 def gram(x: da.Array) -> da.Array:
@@ -287,25 +295,61 @@ def global_ranges_many(xs, spec: QuantizerSpec, stages: Stages, name: str) -> li
         for b in bs
     ]
     errors = _merged(list(stages.compute(name, *tasks)), lengths, lambda a, b: a + b)
-    return [pick_clipped(*r, e, spec=spec) for r, e in zip(ranges, errors, strict=True)]
+    return [pick_clipped(r[0], r[1], e, spec=spec) for r, e in zip(ranges, errors, strict=True)]
 
 
-def _histogram_of(block, spec, hi):
+def _histogram_of(block, spec, hi, row_step=1):
     if hi is None:
         _, hi = block_range(block, spec=spec)
+    if row_step > 1:  # a sample of whole rows (whole groups of "group" and "row" scales)
+        per_row = spec.granularity in ("row", "group")
+        block, hi = block[::row_step], (hi[::row_step] if per_row else hi)
     return to_numpy(entry_histogram(block, asarray_like(hi, block), spec=spec))
 
 
-def fit_codebook(x: da.Array, spec: QuantizerSpec, stages: Stages, name: str, hi=None):
+def fit_codebook(
+    x: da.Array,
+    spec: QuantizerSpec,
+    stages: Stages,
+    name: str,
+    hi=None,
+    *,
+    sample_seed: int | None = None,
+):
     """The ``lloyd`` codebook of ``x`` (2^bits float32 levels), or None for other kinds: the
-    exact histogram of the entries normalized by their group's scale (``hi`` when the groups
-    span blocks, else each block's own), summed over blocks, then Lloyd–Max on the driver.
-    One more pass over ``x``."""
+    histogram of the entries normalized by their group's scale (``hi`` when the groups span
+    blocks, else each block's own), summed over blocks in a fixed order, then Lloyd–Max on
+    the driver. One more pass over ``x``; with ``sample_seed``, over a sample of about
+    :data:`CODEBOOK_SAMPLE_FRACTION` of its entries instead: a seeded choice of its blocks,
+    and every k-th row of those when there are few blocks (the same for any tiling of the
+    input, as the blocks are the canonical grid)."""
     if spec.is_float or not spec.stores_codebook:
         return None
-    tasks = [dask.delayed(_histogram_of)(b, spec, hi) for b in x.to_delayed().ravel()]
+    blocks = list(x.to_delayed().ravel())
+    row_step = 1
+    if sample_seed is not None:
+        per = round(1 / CODEBOOK_SAMPLE_FRACTION)
+        take = -(-len(blocks) // per)
+        row_step = max(1, round(per * take / len(blocks)))
+        rng = block_generator(sample_seed, STREAM_CODEBOOK_SAMPLE)
+        chosen = np.sort(rng.choice(len(blocks), size=take, replace=False))
+        blocks = [blocks[i] for i in chosen]
+    tasks = [dask.delayed(_histogram_of)(b, spec, hi, row_step) for b in blocks]
     counts = sum(stages.compute(name, *tasks))
     return fit_lloyd(counts, spec.bits)
+
+
+CODEBOOK_SAMPLE_FRACTION = 1 / 16
+"""Share of A's entries that the ``lloyd`` codebook of Q(A) is fitted to (``nq``): a pass
+over all of A would double the reads of the one-pass ``nq``."""
+
+
+def local_codebook(x, spec: QuantizerSpec, hi):
+    """The ``lloyd`` codebook of one block in hand (its groups' scales ``hi``), or None for
+    other kinds: the budget search's scoring of R."""
+    if spec.is_float or not spec.stores_codebook:
+        return None
+    return fit_lloyd(to_numpy(entry_histogram(x, hi, spec=spec)), spec.bits)
 
 
 def encode(x, spec: QuantizerSpec, lo=None, hi=None, rng=None, codebook=None):
@@ -361,8 +405,9 @@ def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype,
     codebook = fit_codebook(x, spec, stages, "basis-codebook", hi)
     if codebook is not None:
         writer.write_codebook(codebook)
-    lhat = x.map_blocks(
+    lhat = da.map_blocks(
         quantize_rows_block,
+        x,
         spec=spec,
         lo=lo,
         hi=hi,
@@ -422,8 +467,9 @@ def project_and_quantize(
     computed. Returns (⟨R̂, P⟩, ⟨R̂, G R̂⟩) in float64 for the exact error.
 
     Group-wise ranges are local to a panel: one pass over A, R never leaves its panel. Ranges
-    that span panels (``tensor``, ``row``) need R's float values first: they are kept on the
-    workers (m × d, small next to A), reduced to ranges, then quantized (still one pass over A).
+    that span panels (``tensor``, ``row``) and a ``lloyd`` codebook (fitted to all of R) need
+    R's float values first: they are kept on the workers (m × d float64, small next to A),
+    reduced to ranges and the codebook, then quantized (still one pass over A).
     """
     p = left_multiply(a, lhat)
     extra = given if given is not None else p

@@ -6,7 +6,8 @@
 =================  ==============================================================  ===========
 stage              what it does                                                    passes
 =================  ==============================================================  ===========
-plan               resolve the configuration (the budget search, if any)           0 (+1)
+plan               resolve the configuration (the planner, with a budget or        0 (+1)
+                   max_error; its sketch is then the sketch stage's, no pass)
 quantize-matrix    ``nq``, ``nq+lplr``: Q(A) written, ‖A‖² and ‖A − Q(A)‖²         1
 sketch             Y = A·S (+ power iterations) and ‖A‖²                           1 (+2/iter)
 basis              orthonormal basis, rotation, quantized L written; L̂, G stored   0 (+1)
@@ -15,6 +16,13 @@ verify             exact error from the stored statistics, bytes on disk checked
                    optionally an independent blockwise pass (``verify=True``)
 publish            metadata written, renamed into place, work directory removed    0
 =================  ==============================================================  ===========
+
+With ``passes=1`` (:mod:`lplr_dask.core.single_pass`; methods ``lplr`` and ``paper``) A is
+read once: ``sketch`` computes Y = A·S, ‖A‖², the co-range sketch W = Ψ·A and the test
+sketch Γ·A in its one pass; ``basis`` also reduces Ψ·L̂ and Γ·L̂ (no pass over A);
+``project`` solves R = (Ψ·L̂)⁺·W per column panel of W (no pass over A); ``verify`` reports
+the estimated error (``error_is_estimate``), and with ``verify=True`` measures the exact
+error by one more pass and reports both.
 
 Every stage writes what later stages need (Y, L̂, G, the statistics) under a work directory
 beside OUTPUT, then a small JSON record marking it done. With ``resume=True`` the work
@@ -68,11 +76,13 @@ from lplr_dask.core.methods import (
 from lplr_dask.core.params import CompressionConfig, CompressionOptions, CompressionResult
 from lplr_dask.core.single_pass import (
     ERROR_TEST_ROWS,
+    check_corange_size,
     corange_size,
     error_estimate_note,
     single_pass_sketch,
     sketch_left,
     solve_and_quantize,
+    stored_estimate,
 )
 from lplr_dask.errors import (
     JobBusyError,
@@ -260,8 +270,10 @@ class CompressionJob:
         out = check_output_path(
             output, overwrite=overwrite, inputs=[matrix.path] if matrix.path else ()
         )
-        if options.budget is None:  # fail now, not after a pass over A
+        if options.budget is None and options.max_error is None:  # fail now, before a pass
             options.resolve(matrix.shape, block_shape=matrix.block_shape)
+        if options.passes == 1:
+            check_corange_size(options.corange_size, options.rank, matrix.shape[0])
         return cls(
             matrix,
             out,
@@ -307,6 +319,10 @@ class CompressionJob:
             for name in STAGES:
                 if name in self.stages:  # re-read: the plan decides the low-rank stages
                     self.run_stage(name)
+                if name == "verify" and self._step_up():  # max_error missed: once more
+                    for again in STAGES[1 : STAGES.index("verify") + 1]:
+                        if again in self.stages:
+                            self.run_stage(again)
         except BaseException:
             self.close(failed=True)
             raise
@@ -327,6 +343,8 @@ class CompressionJob:
                 done.append(name)
         if "plan" in self.records:
             cfg = CompressionConfig.from_dict(self.records["plan"].values["config"])
+            if self.records["plan"].values.get("passes") == 1:
+                self._single_pass(cfg.rank)
             if cfg.block_shape is None:  # a plan record of an earlier version
                 cfg = replace(cfg, block_shape=tuple(self.matrix.block_shape))
             self._cfg = cfg
@@ -400,16 +418,85 @@ class CompressionJob:
         )
 
     def _stage_plan(self) -> dict:
-        search = []
-        if self.options.budget is None:
-            cfg = self.options.resolve(self.matrix.shape, block_shape=self.matrix.block_shape)
+        search, extra, opts = [], {}, self.options
+        if opts.budget is None and opts.max_error is None:
+            cfg = opts.resolve(self.matrix.shape, block_shape=self.matrix.block_shape)
         else:
-            from lplr_dask.core.search import choose_config
+            from lplr_dask.core.planner import plan
 
-            cfg, search = choose_config(self.matrix, self.options, stages=self.engine)
+            pl = plan(self.matrix, opts, stages=self.engine)
+            point = pl.best(opts.budget) if opts.budget is not None else pl.cheapest(opts.max_error)
+            cfg, search = point.config, pl.table()
+            extra = {
+                "plan": {
+                    "method": point.method,
+                    "estimated_rel_error": point.estimated_rel_error,
+                    "candidates": len(pl.curve),
+                    "pruned": len(pl.pruned),
+                    "sketch_rank": pl.sketch_rank,
+                    "sample_columns": pl.sample_columns,
+                    "plan_passes": pl.passes,
+                    "capped": pl.capped,
+                },
+                "frontier": [p.to_dict() for p in pl.frontier()],
+            }
+            if point.passes == 1 and opts.passes != 1:  # max_passes=1: the one-pass mode
+                self._single_pass(cfg.rank)
+                extra["passes"] = 1
+            handed = pl.sketch_for(cfg) if self.options.passes != 1 else None
+            if handed is not None:  # the sketch stage takes it: no second sketch pass
+                y, norm2 = handed
+                y_ref = _store(y, self.work_dir / "Y.zarr", self.engine, "plan")
+                extra["sketch"] = {"norm2": norm2, "Y": y_ref, "from_plan": True}
         self._cfg = cfg
         zarr.open_group(str(self.out_tmp), mode="w")
-        return {"config": cfg.to_dict(), "budget_search": search}
+        return {"config": cfg.to_dict(), "budget_search": search, **extra}
+
+    def _single_pass(self, rank: int) -> None:
+        """Run the planner's choice with ``passes=1`` (it chose it under ``max_passes=1``)."""
+        self.planned_budget = self.options.budget  # the result still reports it
+        self.options = replace(
+            self.options, passes=1, budget=None, max_error=None, rank=rank, corange_size=None
+        )
+        check_corange_size(None, rank, self.matrix.shape[0])
+
+    def _step_up(self) -> bool:
+        """``max_error``: when the exact error of the run misses E, take once the cheapest
+        frontier point with more bits whose estimate, scaled by the run's error over its
+        estimate, meets E (else the next one) and rerun the stages after ``plan``."""
+        plan_v = self.records["plan"].values
+        info = plan_v.get("plan")
+        if self.options.max_error is None or not info or info.get("stepped_up"):
+            return False
+        rel = self.records["verify"].values["rel_fro_error"]
+        if rel <= self.options.max_error:
+            return False
+        bits = self.config.bits_per_entry(self.matrix.shape)
+        ratio = rel / info["estimated_rel_error"] if info["estimated_rel_error"] > 0 else 1.0
+        ups = [p for p in plan_v["frontier"] if p["bits_per_entry"] > bits]
+        meets = [p for p in ups if p["estimated_rel_error"] * ratio <= self.options.max_error]
+        nxt = (meets or ups or [None])[0]
+        if nxt is None:
+            return False
+        cfg = CompressionConfig.from_dict(nxt["config"])
+        info.update(
+            stepped_up=True,
+            first_rel_fro_error=rel,
+            first_bits_per_entry=bits,
+            method=nxt["method"],
+            estimated_rel_error=nxt["estimated_rel_error"],
+        )
+        plan_v["config"] = cfg.to_dict()
+        plan_v.pop("sketch", None)
+        write_json_atomic(
+            self.work_dir / "stages" / "plan.json", _record_dict(self.records["plan"])
+        )
+        for name in [k for k in self.records if k != "plan"]:
+            del self.records[name]
+            (self.work_dir / "stages" / f"{name}.json").unlink(missing_ok=True)
+        self._cfg = cfg
+        zarr.open_group(str(self.out_tmp), mode="w")
+        return True
 
     def _stage_quantize_matrix(self) -> dict:
         cfg = self.config
@@ -425,6 +512,9 @@ class CompressionJob:
     def _stage_sketch(self) -> dict:
         if self.options.passes == 1:
             return self._sketch_single_pass()
+        handed = self.records["plan"].values.get("sketch")
+        if handed is not None:  # the planner's sketch, cut to this rank: no pass over A
+            return {"norm2": handed["norm2"], "Y": handed["Y"], "from_plan": True}
         cfg, stages = self.config, self.engine
         a = self._operand()
         k = cfg.rank + cfg.n_oversamples
@@ -562,7 +652,10 @@ class CompressionJob:
         return {"est_err2": est_err2}
 
     def _verify_single_pass(self) -> dict:
-        """The estimate (no pass); with ``verify``, the exact error by a second pass too."""
+        """The estimate, checked against the codes on disk (no pass over A); with
+        ``verify``, the exact error by a second pass too."""
+        from lplr_dask.storage.reader import open_compressed, relative_error
+
         norm2 = self.records["sketch"].values["norm2"]
         est = _relative(self.records["project"].values["est_err2"], norm2)
         on_disk = _check_stored_bytes(self.out_tmp, self.config.nbytes(self.matrix.shape))
@@ -572,10 +665,28 @@ class CompressionJob:
             "error_is_estimate": True,
             "bytes_on_disk": on_disk,
         }
+        # The reader opens the group through its metadata; publish rewrites it.
+        write_metadata(self.out_tmp, self._metadata(self._make_result(est, values)))
+        cm = open_compressed(self.out_tmp)
+        again = _relative(
+            stored_estimate(
+                _load(self.work_dir, self.records["sketch"].values["T"]),
+                cm.factor("L", self.matrix.data.dtype),
+                cm.factor("R", np.float64),
+                seed=self.config.seed,
+                stages=self.engine,
+            ),
+            norm2,
+        )
+        # The same float64 sums of the same dequantized values, up to the order of the
+        # float32 products Γ·L̂: they agree to ~1e-7 of ‖A‖.
+        if abs(again - est) > 1e-4 * est + 1e-6:
+            raise VerificationError(
+                f"The single-pass error estimate recomputed from the stored codes is {again:.6g} "
+                f"but the projection stage computed {est:.6g}: the written codes do not match "
+                "the computation. Report this as a bug; the result was not published."
+            )
         if self.verify:
-            from lplr_dask.storage.reader import relative_error
-
-            write_metadata(self.out_tmp, self._metadata(self._make_result(est, values)))
             exact = relative_error(self.matrix.data, self.out_tmp)
             values.update(
                 rel_fro_error=exact, independent_rel_fro_error=exact, error_is_estimate=False
@@ -670,8 +781,9 @@ class CompressionJob:
             n_oversamples=cfg.n_oversamples,
             n_power_iter=cfg.n_power_iter,
             stage_seconds=substages,
-            budget=self.options.budget,
+            budget=getattr(self, "planned_budget", self.options.budget),
             budget_search=self.records["plan"].values["budget_search"],
+            plan=self.records["plan"].values.get("plan", {}),
             reused_stages=[k for k, rec in self.records.items() if rec.reused],
             passes=self.options.passes,
             error_is_estimate=bool(checked.get("error_is_estimate", False)),

@@ -84,7 +84,7 @@ def _matmul_small(block, t):
 
 def times(x: da.Array, t: np.ndarray) -> da.Array:
     """x @ t for a row-blocked x and a small dense t (k × r), block by block."""
-    return x.map_blocks(_matmul_small, t, chunks=(x.chunks[0], (t.shape[1],)), dtype=x.dtype)
+    return da.map_blocks(_matmul_small, x, t, chunks=(x.chunks[0], (t.shape[1],)), dtype=x.dtype)
 
 
 def _nq_block(a, *, spec, lo, hi, seed, writer=None, codebook=None, block_info=None):
@@ -107,10 +107,8 @@ def _nq_block(a, *, spec, lo, hi, seed, writer=None, codebook=None, block_info=N
 
 
 def _nq_write_stats(a, *, spec, lo, hi, seed, writer, codebook=None, block_info=None):
-    a, ahat = _nq_block(
-        a, spec=spec, lo=lo, hi=hi, seed=seed, writer=writer, codebook=codebook,
-        block_info=block_info,
-    )
+    kw = dict(spec=spec, lo=lo, hi=hi, seed=seed, codebook=codebook)
+    a, ahat = _nq_block(a, writer=writer, block_info=block_info, **kw)
     # Sums of squares accumulated in float64 without float64 copies of the tile: a 4096²
     # float32 tile is 64 MiB, and three float64 temporaries of it had workers with a 1 GiB
     # limit killed.
@@ -137,15 +135,16 @@ def quantize_matrix(a, spec, root, stages, seed, source):
     per-matrix ranges). Returns ‖A‖², ‖A − Q(A)‖² and the per-matrix (lo, hi) or (None, None);
     the residual A − Q(A) is ``a.map_blocks(nq_residual, ...)`` with those ranges.
 
-    A ``lloyd`` quantizer fits its codebook first (one more pass over A); it is written with
-    Q, and only ``nq`` (no residual) takes it."""
+    A ``lloyd`` quantizer fits its codebook first, to a seeded sample of 1/16 of A's entries
+    (whole blocks, or rows of them); it is written with Q, and only ``nq`` (no residual) takes
+    it."""
     lo = hi = None
     writer = create_factor(root, "Q", a.shape, spec, a.chunksize)
     if not spec.is_float and spec.granularity == "tensor":
         lo, hi = global_ranges(a, spec, stages, "matrix-ranges")
         check_finite_input(float(hi.sum() - lo.sum()), a, source, stages)
         writer.write_ranges(lo, hi)
-    codebook = fit_codebook(a, spec, stages, "matrix-codebook", hi)
+    codebook = fit_codebook(a, spec, stages, "matrix-codebook", hi, sample_seed=seed)
     if codebook is not None:
         writer.write_codebook(codebook)
     kw = dict(spec=spec, lo=lo, hi=hi, seed=seed, codebook=codebook)

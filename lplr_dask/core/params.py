@@ -15,12 +15,13 @@ from dataclasses import asdict, dataclass, field, fields, replace
 import numpy as np
 
 from lplr_dask.errors import ParameterError
-from lplr_dask.kernels.quantize import QuantizerSpec
+from lplr_dask.kernels.quantize import QUANTIZERS, QuantizerSpec, quantizer_spec
 from lplr_dask.storage.format import layout_nbytes
 from lplr_dask.storage.inputs import canonical_block_shape
 
 __all__ = [
     "DEFAULT_GROUP_SIZE",
+    "DEFAULT_QUANTIZERS",
     "DEFAULT_SVD_POWER_ITER",
     "LOW_RANK_METHODS",
     "METHODS",
@@ -56,6 +57,13 @@ class CompressionConfig:
     """Rows and columns of A's canonical blocks; None (plan records of earlier versions):
     the default grid of :func:`lplr_dask.storage.inputs.canonical_block_shape`."""
 
+    def low_rank(self) -> tuple[int, QuantizerSpec, QuantizerSpec]:
+        """(rank, left, right) of a configuration with low-rank factors (every method but
+        ``nq``); the low-rank stages call it, so a configuration without them fails loudly."""
+        if not self.rank or self.left is None or self.right is None:
+            raise RuntimeError(f"method {self.method!r} has no low-rank factors")  # a bug
+        return self.rank, self.left, self.right
+
     def blocks(self, shape) -> tuple[int, int]:
         """The block grid for a matrix of ``shape``, clipped to it."""
         if self.block_shape is not None:
@@ -75,7 +83,7 @@ class CompressionConfig:
         total = 0
         if self.matrix is not None:
             total += layout_nbytes((n, d), self.matrix, (br, bc))
-        if self.rank:
+        if self.rank and self.left is not None and self.right is not None:
             total += layout_nbytes((n, self.rank), self.left, (br, self.rank))
             total += layout_nbytes((self.rank, d), self.right, (self.rank, bc))
         return total
@@ -125,10 +133,25 @@ class CompressionResult:
     stage_seconds: dict = field(default_factory=dict)
     budget: float | None = None
     budget_search: list = field(default_factory=list)
-    """With ``budget``: every candidate scored (rank, bits, bits_per_entry,
-    estimated_rel_error), as :func:`lplr_dask.core.search.choose_config` measured them."""
+    """With ``budget`` or ``max_error``: every candidate scored (method, rank, bits,
+    bits_per_entry, estimated_rel_error), as :func:`lplr_dask.core.planner.plan` measured
+    them."""
     reused_stages: list = field(default_factory=list)
+    plan: dict = field(default_factory=dict)
+    """With ``budget`` or ``max_error``: what the planner chose and how (method family,
+    estimate, candidates scored and pruned, its sketch rank and passes); with ``max_error``
+    also ``stepped_up`` (the first run's exact error missed E, so the next frontier point
+    was run: ``first_rel_fro_error``, ``first_bits_per_entry``)."""
     """Stages a resumed job took from an earlier run (see :mod:`lplr_dask.core.job`)."""
+    passes: int = 2
+    """Passes over A of the factorization (``verify`` adds one)."""
+    error_is_estimate: bool = False
+    """True when ``rel_fro_error`` is the single-pass estimate (``passes=1`` without
+    ``verify``); False when it is exact."""
+    estimated_rel_fro_error: float | None = None
+    """``passes=1``: the single-pass estimate, also when ``verify`` measured the exact error."""
+    error_method: str | None = None
+    """``passes=1``: how ``rel_fro_error`` was obtained (the estimator, or the verify pass)."""
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -178,14 +201,16 @@ class CompressionOptions:
         re-quantized per column panel. ``paper``: Algorithm 1 of the paper with its reference
         quantizer (no QR, per-matrix min–max). ``nq``: A quantized directly. ``dsvd``: the
         quantized randomized SVD. ``lplr-svd``: LPLR on the SVD factors. ``nq+lplr``: Q(A)
-        plus an LPLR correction of A − Q(A). ``auto``: the best of lplr, nq+lplr and nq under
-        ``budget`` by their measured errors.
+        plus an LPLR correction of A − Q(A). ``auto``: the best of every method the planner
+        knows (:data:`lplr_dask.core.planner.FAMILIES`: lplr, lplr with power iterations,
+        dsvd, lplr-svd, nq, nq+lplr) within ``max_passes``, under ``budget`` or
+        ``max_error``, by their estimated errors.
     rank : int, optional
         m, the inner dimension of L·R, 1 ≤ m < min(n, d). Required unless ``budget`` is
         given (or for ``nq``, which takes none).
     budget : float, optional
         Bits per entry of A: choose rank and bit widths so that ``bits_per_entry <= budget``
-        with the lowest error (see :func:`lplr_dask.core.search.choose_config`).
+        with the lowest error (see :func:`lplr_dask.core.planner.plan`).
     bits_left, bits_right : int, optional
         B and B′: bits per entry of L and R, 1–8, or 16 for float16. Default 8 (the paper's).
     bits_matrix : int, optional
@@ -203,16 +228,43 @@ class CompressionOptions:
         for any storage tiling, worker count or backend.
     rounding : {"nearest", "stochastic"}, default "nearest"
         Round to the nearest level, or unbiased stochastic rounding (dither from the seed).
+    quantizer : {"minmax", "uniform", "clipped", "normal", "lloyd", "sign"}, optional
+        The quantizer of every factor (see :func:`lplr_dask.kernels.quantize.quantizer_spec`):
+        ``minmax`` the symmetric grid with float32 scales (the reference), ``uniform`` the
+        asymmetric grid with bfloat16 ends, ``clipped`` the same on MSE-optimal ranges,
+        ``normal`` normal-float levels (NF4 at 4 bits), ``lloyd`` a Lloyd–Max codebook fitted
+        to the factor, ``sign`` 1-bit sign × mean |x|. Default: per factor
+        :data:`DEFAULT_QUANTIZERS` (``paper``: ``minmax``, which it requires).
     block_shape : (int, int), optional
         The canonical block grid of the computation, and the chunk shape of the stored
         factors. Default: at most 4096 × 4096, in nearly equal blocks (see
         :func:`lplr_dask.storage.inputs.canonical_block_shape`).
-    max_rank : int, default 512
-        Largest rank the budget search considers.
+    max_rank : int, optional
+        Largest rank the planner considers. Default: no fixed cap; the budget and the matrix
+        set the rank range, within the planner's memory guard (its n × K float64 sketch at
+        most :data:`lplr_dask.core.planner.PLAN_SKETCH_BYTES`).
     passes : {1, 2}, default 2
         Passes over A. 2: the sketch, then the exact projection R = (LᵀL)⁺LᵀA and its exact
         error. 1: the range and co-range sketches in one pass (Tropp et al. 2017), R solved
         from the co-range sketch, the error estimated (see :mod:`lplr_dask.core.single_pass`).
+        ``passes=1`` takes methods ``lplr`` and ``paper`` with a rank: the other methods, a
+        budget, oversampling and power iterations need more passes over A.
+    corange_size : int, optional
+        ``passes=1`` only: ℓ, the rows of the co-range sketch W = Ψ·A, rank + 2 ≤ ℓ ≤ n.
+        The single-pass error is about √(1 + m/(ℓ − m − 1)) times the two-pass error
+        (Tropp et al. 2017, Thm. 4.3); the pass costs (m + ℓ + 10)·n·d multiply-adds and W
+        takes ℓ·d float64 on the workers. Default 4m + 1 (×1.155; Tropp et al.'s 2m + 1
+        gives ×1.41).
+    max_error : float, optional
+        E, 0 < E < 1: the fewest bits per entry whose relative Frobenius error is at most E
+        (estimated by the planner, :func:`lplr_dask.core.planner.plan`; the run measures the
+        exact error and, if it misses E, steps up once). Instead of ``rank`` or ``budget``.
+    max_passes : int, optional
+        The most passes over A a compression chosen by the planner may take (``auto``
+        considers only methods within it; 1 lets it choose ``passes=1``). Default: unbounded
+        for inputs up to 4 GiB, where an extra pass is a GEMM over data in memory, and 3 for
+        larger ones, where every pass is a cold read of A
+        (:func:`lplr_dask.core.planner.default_max_passes`).
     """
 
     method: str = "lplr"
@@ -226,9 +278,13 @@ class CompressionOptions:
     n_power_iter: int | None = None
     seed: int = 0
     rounding: str = "nearest"
+    quantizer: str | None = None
     block_shape: tuple[int, int] | None = None
-    max_rank: int = 512
+    max_rank: int | None = None
     passes: int = 2
+    corange_size: int | None = None
+    max_error: float | None = None
+    max_passes: int | None = None
 
     def __post_init__(self):
         method = self.method
@@ -240,10 +296,29 @@ class CompressionOptions:
                 raise ParameterError(f"budget={b!r} must be a positive number of bits per entry.")
             if self.rank is not None:
                 raise ParameterError("Give either rank or budget, not both.")
+            if self.max_error is not None:
+                raise ParameterError(
+                    "Give either budget or max_error, not both: a budget gets the lowest error "
+                    "within a size, max_error the smallest size within an error."
+                )
+        if self.max_error is not None:
+            e = self.max_error
+            if isinstance(e, bool) or not isinstance(e, (int, float)) or not 0 < e < 1:
+                raise ParameterError(
+                    f"max_error={e!r} must be a relative Frobenius error between 0 and 1 "
+                    "(exclusive), such as 0.05."
+                )
+            if self.rank is not None:
+                raise ParameterError(
+                    "Give either rank or max_error, not both: max_error chooses the rank."
+                )
+        elif self.budget is not None:
+            pass
         elif method == "auto":
             raise ParameterError(
                 "method='auto' chooses among lplr, nq+lplr and nq by their measured errors "
-                "under a budget: give --budget BITS_PER_ENTRY (budget=...) instead of a rank."
+                "under a budget: give --budget BITS_PER_ENTRY (budget=...) or --max-error E "
+                "instead of a rank."
             )
         elif method == "nq" and self.rank is not None:
             raise ParameterError("method='nq' quantizes A directly and takes no rank; drop --rank.")
@@ -257,8 +332,12 @@ class CompressionOptions:
             _check_bits(name, getattr(self, name))
         _check_int("n_oversamples", self.n_oversamples, 0)
         _check_int("seed", self.seed, 0, fix="Use a non-negative integer seed.")
-        _check_int("max_rank", self.max_rank, 1)
+        if self.max_rank is not None:
+            _check_int("max_rank", self.max_rank, 1)
+        if self.max_passes is not None:
+            _check_int("max_passes", self.max_passes, 1, fix="Use 1 or more, or leave it unset.")
         _check_int("passes", self.passes, 1, 2, fix="Use 2 (exact projection) or 1 (one read).")
+        self._check_single_pass()
         if self.group_size is None:
             object.__setattr__(self, "group_size", 0)
         gs = self.group_size
@@ -272,6 +351,7 @@ class CompressionOptions:
             _check_int("n_power_iter", self.n_power_iter, 0)
         if self.rounding not in ROUNDINGS:
             raise ParameterError(f"rounding={self.rounding!r} is unknown; use one of {ROUNDINGS}.")
+        _check_quantizer(self)
         if self.block_shape is not None:
             bs = tuple(self.block_shape)
             if len(bs) != 2:
@@ -285,6 +365,48 @@ class CompressionOptions:
             raise ParameterError(
                 "method='paper' reproduces the reference code exactly: nearest rounding, no "
                 "oversampling, no power iterations. Use method='lplr' for those options."
+            )
+
+    def _check_single_pass(self):
+        """What ``passes=1`` can do: a rank-m lplr or paper factorization, nothing that needs
+        a second look at A; ``corange_size`` only with it (the bounds that need n: the job)."""
+        if self.corange_size is not None:
+            if self.passes != 1:
+                raise ParameterError(
+                    "corange_size sets the co-range sketch of passes=1; with two passes R is the "
+                    "exact projection and needs none. Drop corange_size or add passes=1."
+                )
+            _check_int("corange_size", self.corange_size, 1)
+            if self.rank is not None and self.corange_size < self.rank + 2:
+                raise ParameterError(
+                    f"corange_size={self.corange_size} is too small for rank {self.rank}: it "
+                    f"must be at least rank + 2 = {self.rank + 2} (the error factor is "
+                    "√(1 + rank/(corange_size − rank − 1))). Leave it unset for 4·rank + 1."
+                )
+        if self.passes != 1:
+            return
+        why = None
+        if self.method == "nq":
+            why = (
+                "method='nq' has no low-rank factors to sketch; it reads A once with group-wise "
+                "scales (twice with group_size=0) at the default passes=2 already"
+            )
+        elif self.method not in ("lplr", "paper"):
+            why = (
+                f"method={self.method!r} needs more than one pass over A (nq+lplr quantizes A "
+                "in a pass of its own, dsvd and lplr-svd truncate with a second, auto "
+                "searches)"
+            )
+        elif self.budget is not None or self.max_error is not None:
+            why = "the planner reads A once more than the compression"
+        elif self.n_oversamples:
+            why = "n_oversamples truncates the larger sketch with a second pass over A"
+        elif self.n_power_iter:
+            why = "n_power_iter adds two passes over A per iteration"
+        if why:
+            raise ParameterError(
+                f"passes=1 is not available here: {why}. Use passes=1 with method 'lplr' or "
+                "'paper', a rank and neither oversampling nor power iterations, or passes=2."
             )
 
     @classmethod
@@ -324,11 +446,66 @@ class CompressionOptions:
         return _resolve(self, tuple(int(v) for v in shape), block_shape or self.block_shape)
 
 
+DEFAULT_QUANTIZERS = {"left": "lloyd", "right": "lloyd", "matrix": "lloyd"}
+"""The quantizer of each factor when ``quantizer`` is not given (``paper`` always uses its
+reference ``minmax``): L (per column), R (group-wise) and Q(A) (group-wise), measured by
+``benchmarks/bench_quantizers.py --part quality`` at equal widths (lloyd stores no more
+bits than minmax there) until the planner picks per factor. Where ``lloyd`` cannot run
+(Q(A) of ``nq+lplr``, R of ``passes=1``) the default is :data:`FALLBACK_QUANTIZER`."""
+FALLBACK_QUANTIZER = "normal"
+ONE_BIT_QUANTIZERS = {"left": "clipped", "right": "clipped", "matrix": "lloyd"}
+"""The defaults of 1-bit factors: for L and R the clipped two-level grid was best or within
+0.2 % of the best on both matrices (a 2-level Lloyd codebook shared by all groups did worst);
+for Q(A) no kind won on both, lloyd had the smallest worst-case ratio to the best."""
+
+
+def _check_quantizer(opts) -> None:
+    q = opts.quantizer
+    if q is None:
+        return
+    if q not in QUANTIZERS:
+        raise ParameterError(f"quantizer={q!r} is unknown; use one of {', '.join(QUANTIZERS)}.")
+    if opts.method == "paper" and q != "minmax":
+        raise ParameterError(
+            f"method='paper' keeps the reference quantizer (per-matrix min–max); "
+            f"quantizer={q!r} needs another method, such as 'lplr'."
+        )
+    if q == "lloyd" and opts.method == "nq+lplr":
+        raise ParameterError(
+            "quantizer='lloyd' fits a codebook per factor, which the residual of nq+lplr "
+            "cannot take yet; use quantizer='normal' or 'clipped' with nq+lplr."
+        )
+    if q == "lloyd" and opts.passes == 1:
+        raise ParameterError(
+            "quantizer='lloyd' fits R's codebook to R's values, which passes=1 never holds; "
+            "use passes=2, or quantizer='normal' or 'clipped'."
+        )
+
+
+def _factor_spec(opts, factor: str, bits: int, granularity: str, group, rounding):
+    """The quantizer of one factor: the named ``quantizer``, else the factor's default."""
+    defaults = ONE_BIT_QUANTIZERS if bits == 1 else DEFAULT_QUANTIZERS
+    name = opts.quantizer or defaults[factor]
+    if name == "sign" and bits not in (1, 16):
+        raise ParameterError(
+            f"quantizer='sign' is a 1-bit code, but {factor} has {bits} bits; give 1 bit "
+            "(--bits-left/--bits-right/--bits-matrix 1) or another quantizer."
+        )
+    lloyd_impossible = (factor == "matrix" and opts.method == "nq+lplr") or (
+        factor == "right" and opts.passes == 1
+    )
+    if name == "lloyd" and lloyd_impossible:
+        name = FALLBACK_QUANTIZER
+    return quantizer_spec(
+        name, bits=bits, granularity=granularity, group_size=group, rounding=rounding
+    )
+
+
 def _resolve(opts: CompressionOptions, shape, block_shape) -> CompressionConfig:
     method, rank, rounding = opts.method, opts.rank, opts.rounding
-    if opts.budget is not None:
+    if opts.budget is not None or opts.max_error is not None:
         raise ParameterError(
-            "a budget is resolved by the search (lplr_dask.core.search.choose_config), "
+            "a budget or max_error is resolved by the planner (lplr_dask.core.planner.plan), "
             "not by CompressionOptions.resolve."
         )
     n, d = shape
@@ -344,20 +521,19 @@ def _resolve(opts: CompressionOptions, shape, block_shape) -> CompressionConfig:
     else:
         blocks = (min(int(block_shape[0]), n), min(int(block_shape[1]), d))
 
-    def grouped(bits, fallback):
+    def grouped(bits, fallback, factor):
         if bits == 16:
             return QuantizerSpec(bits=16)
         if group:
-            return QuantizerSpec(
-                bits=bits, granularity="group", group_size=group, rounding=rounding
-            )
-        return QuantizerSpec(bits=bits, granularity=fallback, rounding=rounding)
+            return _factor_spec(opts, factor, bits, "group", group, rounding)
+        return _factor_spec(opts, factor, bits, fallback, None, rounding)
 
     matrix = left = right = None
     if method in ("nq", "nq+lplr"):
-        matrix = grouped(bits_matrix if bits_matrix is not None else 4, "tensor")
+        matrix = grouped(bits_matrix if bits_matrix is not None else 4, "tensor", "matrix")
     if method == "nq":
         return CompressionConfig(method, None, None, None, matrix, 0, 0, seed, blocks)
+    assert rank is not None  # __post_init__: every method but nq has a rank or a budget
     limit = min(n, d) - 1
     _check_int(
         "rank",
@@ -380,9 +556,9 @@ def _resolve(opts: CompressionOptions, shape, block_shape) -> CompressionConfig:
         left = (
             QuantizerSpec(bits=16)
             if bl == 16
-            else QuantizerSpec(bits=bl, granularity="column", rounding=rounding)
+            else _factor_spec(opts, "left", bl, "column", None, rounding)
         )
-        right = grouped(br, "row")
+        right = grouped(br, "row", "right")
     return CompressionConfig(
         method, rank, left, right, matrix, n_oversamples, n_power_iter, seed, blocks
     )

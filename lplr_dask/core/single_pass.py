@@ -41,6 +41,7 @@ import operator
 
 import dask.array as da
 import numpy as np
+from dask.array.utils import meta_from_array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
@@ -48,6 +49,7 @@ from lplr_dask.core.engine import (
     Stages,
     decode,
     encode,
+    fit_codebook,
     global_ranges,
     left_multiply,
     sketch_matrix,
@@ -74,14 +76,16 @@ __all__ = [
     "single_pass_sketch",
     "sketch_left",
     "solve_and_quantize",
+    "stored_estimate",
 ]
 
 CORANGE_FACTOR = 4
 """ℓ = CORANGE_FACTOR·m + 1 by default. Tropp et al. (2017) suggest ℓ = 2m + 1, whose factor
 1 + m/(ℓ − m − 1) = 2 doubles the squared error of the two-pass projection (×1.41 in the
-relative error, measured 1.41 here); ℓ = 4m + 1 gives 1 + 1/3 (×1.155), within the goal of
-1.25× the two-pass error, for (m + ℓ + q)·n·d = (5m + 11)·n·d multiply-adds in the pass
-instead of 2m·n·d over two passes."""
+relative error; measured ×1.41–1.44 at rank 64 and 128 on an 8192² matrix by
+``benchmarks/bench_single_pass.py``); ℓ = 4m + 1 gives 1 + 1/3 (×1.155; measured
+×1.150–1.153), within the goal of 1.25× the two-pass error, for (m + ℓ + q)·n·d =
+(5m + 11)·n·d multiply-adds in the one pass instead of 2m·n·d over two."""
 
 ERROR_TEST_ROWS = 10
 """q, the rows of the test sketch Γ of the error estimate (Tropp et al. 2019 use q = 10)."""
@@ -130,28 +134,35 @@ def error_estimate_note(test_rows: int = ERROR_TEST_ROWS) -> str:
 # ----------------------------------------------------------------------------- the pass
 
 
-def _stream_block(seed, start, stop, sizes, dtype, like):
+def _stream_block(seed, start, stop, sizes, streams, dtype, like):
     """Rows start:stop of [Ψᵀ | Γᵀ] (n × (ℓ + q)), each from its own stream."""
     parts = [
         sketch_rows(seed, start, stop, cols, dtype=dtype, stream=stream)
-        for stream, cols in zip((STREAM_CORANGE, STREAM_ERROR_TEST), sizes, strict=True)
+        for stream, cols in zip(streams, sizes, strict=True)
     ]
-    return asarray_like(np.concatenate(parts, axis=1), like)
+    return asarray_like(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0], like)
 
 
-def corange_test_matrix(n, sizes, *, seed, row_chunks, dtype, meta=None) -> da.Array:
-    """[Ψᵀ | Γᵀ] (n × (ℓ + q)) as a Dask array in ``row_chunks``; blocks from the seed."""
+def corange_test_matrix(
+    n, sizes, *, seed, row_chunks, dtype, meta=None, streams=(STREAM_CORANGE, STREAM_ERROR_TEST)
+) -> da.Array:
+    """[Ψᵀ | Γᵀ] (n × (ℓ + q)) as a Dask array in ``row_chunks``; blocks from the seed.
+    ``streams`` and ``sizes`` pair up: ``streams=(STREAM_ERROR_TEST,), sizes=(q,)`` is Γᵀ."""
     like = meta if meta is not None else np.empty((0, 0), dtype=dtype)
     cols = int(sum(sizes))
-    name = "lplr-corange-" + tokenize(seed, n, tuple(sizes), row_chunks, np.dtype(dtype).str)
+    streams = tuple(streams)
+    name = "lplr-corange-" + tokenize(
+        seed, n, tuple(sizes), streams, row_chunks, np.dtype(dtype).str
+    )
     bounds = np.cumsum((0, *row_chunks))
-    dsk = {
+    dsk: dict = {
         (name, i, 0): (
             _stream_block,
             seed,
             int(bounds[i]),
             int(bounds[i + 1]),
             tuple(sizes),
+            streams,
             dtype,
             like,
         )
@@ -236,14 +247,15 @@ def single_pass_sketch(
     workers.
     """
     n, d = a.shape
-    s = sketch_matrix(d, rank, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=a._meta)
+    like = meta_from_array(a)
+    s = sketch_matrix(d, rank, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=like)
     pg = corange_test_matrix(
         n,
         (corange_rows, test_rows),
         seed=seed,
         row_chunks=a.chunks[0],
         dtype=a.dtype,
-        meta=a._meta,
+        meta=like,
     )
     token = tokenize(a, s, pg)
     tname, yname, wname = (f"lplr-single-pass-{part}-{token}" for part in ("tile", "y", "w"))
@@ -260,7 +272,7 @@ def single_pass_sketch(
         (wname, i, 0, j): (operator.getitem, (tname, i, j), 1) for i in range(ni) for j in range(nj)
     }
     base = HighLevelGraph.merge(a.dask, s.dask, pg.dask)
-    layers = {**base.layers, tname: tiles, yname: ys, wname: ws}
+    layers: dict = {**base.layers, tname: tiles, yname: ys, wname: ws}
     deps = {
         **base.dependencies,
         tname: {*a.__dask_layers__(), *s.__dask_layers__(), *pg.__dask_layers__()},
@@ -268,7 +280,7 @@ def single_pass_sketch(
         wname: {tname},
     }
     graph = HighLevelGraph(layers, deps)
-    meta3 = asarray_like(np.empty((0, 0, 0), dtype=np.float64), a._meta)
+    meta3 = asarray_like(np.empty((0, 0, 0), dtype=np.float64), like)
     y_part = da.Array(
         graph, yname, chunks=(a.chunks[0], (1,) * nj, (rank + 1,)), dtype=np.float64, meta=meta3
     )
@@ -287,7 +299,7 @@ def sketch_left(lhat: da.Array, rows: tuple[int, int], *, seed: int) -> da.Array
     that W − (Ψ·L̂)·R and T − (Γ·L̂)·R̂ compare like with like. Cost: (ℓ + q)·n·m."""
     n = lhat.shape[0]
     pg = corange_test_matrix(
-        n, rows, seed=seed, row_chunks=lhat.chunks[0], dtype=lhat.dtype, meta=lhat._meta
+        n, rows, seed=seed, row_chunks=lhat.chunks[0], dtype=lhat.dtype, meta=meta_from_array(lhat)
     )
     return left_multiply(lhat, pg)
 
@@ -309,7 +321,9 @@ def _panel_values(w, *, coef):
     return asarray_like(coef, w) @ w
 
 
-def _panel_finish(w, t, *, coef, gamma_l, spec, lo, hi, seed, writer, block_info=None):
+def _panel_finish(
+    w, t, *, coef, gamma_l, spec, lo, hi, seed, writer, codebook=None, block_info=None
+):
     """R_j = coef·W_j, quantized (dither keyed by the panel, as the two-pass R), written;
     returns [‖T_j − (Γ·L̂)·R̂_j‖²]."""
     xp = array_namespace(w)
@@ -318,9 +332,9 @@ def _panel_finish(w, t, *, coef, gamma_l, spec, lo, hi, seed, writer, block_info
     r = _panel_values(w, coef=coef)
     rng = block_generator(seed, STREAM_DITHER_RIGHT, j) if spec.rounding == "stochastic" else None
     lo_b, hi_b, local = _ranges_here(r, spec, lo, hi)
-    codes = encode(r, spec, lo_b, hi_b, rng)
+    codes = encode(r, spec, lo_b, hi_b, rng, codebook)
     writer.write(0, col0, codes, *((lo_b, hi_b) if local else (None, None)))
-    rhat = decode(codes, spec, lo_b, hi_b, dtype=np.float64)
+    rhat = decode(codes, spec, lo_b, hi_b, dtype=np.float64, codebook=codebook)
     resid = t - asarray_like(gamma_l, w) @ rhat
     return to_numpy(xp.sum(resid * resid)).reshape(1, 1)
 
@@ -346,8 +360,9 @@ def solve_and_quantize(
     psi_l, gamma_l : numpy.ndarray
         Ψ·L̂ (ℓ × m) and Γ·L̂ (q × m), float64.
     spec : QuantizerSpec
-        R's quantizer. Ranges that span panels (``tensor``, ``row``) are reduced over R's
-        float values kept on the workers first, as in the two-pass projection.
+        R's quantizer. Ranges that span panels (``tensor``, ``row``) and a fitted codebook
+        are reduced over R's float values kept on the workers first, as in the two-pass
+        projection.
     writer
         R's factor writer (:func:`lplr_dask.storage.format.create_factor`).
 
@@ -363,14 +378,19 @@ def solve_and_quantize(
     columns of L̂ collinear. Cost: m·ℓ·d multiply-adds; memory: one m × d_j panel per task.
     """
     coef = np.linalg.pinv(psi_l, rcond=max(psi_l.shape) * np.finfo(np.float64).eps)
-    lo = hi = None
-    if not spec.is_float and spec.granularity in ("tensor", "row"):
+    lo = hi = codebook = None
+    spans = spec.granularity in ("tensor", "row")
+    if not spec.is_float and (spans or spec.stores_codebook):
         r_float = da.map_blocks(
             _panel_values, w, coef=coef, chunks=((coef.shape[0],), w.chunks[1]), dtype=np.float64
         )
         (r_float,) = stages.persist("solve", r_float)
-        lo, hi = global_ranges(r_float, spec, stages, "right-ranges")
-        writer.write_ranges(lo, hi)
+        if spans:
+            lo, hi = global_ranges(r_float, spec, stages, "right-ranges")
+            writer.write_ranges(lo, hi)
+        codebook = fit_codebook(r_float, spec, stages, "right-codebook", hi)
+        if codebook is not None:
+            writer.write_codebook(codebook)
     stats = da.map_blocks(
         _panel_finish,
         w,
@@ -382,8 +402,50 @@ def solve_and_quantize(
         hi=hi,
         seed=seed,
         writer=writer,
+        codebook=codebook,
         chunks=((1,), (1,) * w.numblocks[1]),
         dtype=np.float64,
     )
     (s,) = stages.compute("solve", stats)
+    return float(to_numpy(s).sum())
+
+
+def _residual_sumsq(t, r, *, gamma_l):
+    xp = array_namespace(t)
+    resid = t - asarray_like(gamma_l, t) @ r.astype(np.float64)
+    return to_numpy(xp.sum(resid * resid)).reshape(1, 1)
+
+
+def stored_estimate(
+    t: da.Array, left: da.Array, right: da.Array, *, seed: int, stages: Stages
+) -> float:
+    """‖T − (Γ·L̂)·R̂‖²_F recomputed from the stored factors (no pass over A).
+
+    The estimate's numerator again, from the codes on disk (``left`` n × m and ``right``
+    m × d dequantized as :meth:`~lplr_dask.storage.reader.CompressedMatrix.factor` reads
+    them) instead of the values in the workers' memory: it must agree with what
+    :func:`solve_and_quantize` returned up to rounding, or the written codes are not those the
+    estimate describes. Cost: q·n·m + q·m·d multiply-adds, one read of L and R.
+    """
+    q = t.shape[0]
+    gamma_t = corange_test_matrix(
+        left.shape[0],
+        (q,),
+        seed=seed,
+        row_chunks=left.chunks[0],
+        dtype=left.dtype,
+        meta=meta_from_array(left),
+        streams=(STREAM_ERROR_TEST,),
+    )
+    (gl,) = stages.compute("check-codes", left_multiply(left, gamma_t))
+    right = right.rechunk({0: -1, 1: t.chunks[1]})
+    parts = da.map_blocks(
+        _residual_sumsq,
+        t,
+        right,
+        gamma_l=to_numpy(gl),
+        chunks=((1,), (1,) * t.numblocks[1]),
+        dtype=np.float64,
+    )
+    (s,) = stages.compute("check-codes", parts)
     return float(to_numpy(s).sum())

@@ -11,7 +11,8 @@ index k of one of 2^B sorted levels ``c_k`` in [-1, 1]; the value is ``s · c_k`
 - ``"sign"`` (1 bit): levels ±1 with the group's mean |x| as scale, the MSE-optimal
   symmetric 1-bit code (its squared error is Σx² − n·mean|x|², never above storing zeros).
 - ``"lloyd"``: 2^B levels fitted to the factor's own entries normalized by their group's
-  max |x| (:func:`fit_lloyd`, Lloyd–Max iterations on an exact histogram, with one level
+  max |x|, each weighted by that scale squared so that the fit minimizes the squared error in
+  the factor's units (:func:`fit_lloyd`, Lloyd–Max iterations on a histogram, one level
   pinned at zero), stored with the factor.
 
 Every level set except ``sign`` contains 0, so with nearest rounding no entry is moved
@@ -24,7 +25,7 @@ uniform grid. Pure per-block NumPy/CuPy kernels; no Dask.
 
 from __future__ import annotations
 
-from functools import cache
+from functools import cache, lru_cache
 from statistics import NormalDist
 
 import numpy as np
@@ -38,6 +39,7 @@ __all__ = [
     "block_histogram",
     "dequantize_codebook",
     "fit_lloyd",
+    "nearest_codes",
     "normal_levels",
     "quantize_codebook",
 ]
@@ -66,8 +68,8 @@ NF4 = (
 )
 
 HIST_BINS = 1 << 14
-"""Bins of the histogram over [-1, 1] that Lloyd–Max codebooks are fitted to: integer counts,
-so partial histograms of blocks add up exactly in any order (tiling-independent fits)."""
+"""Bins of the histogram over [-1, 1] that Lloyd–Max codebooks are fitted to (the bin width,
+2^-13, bounds how far a fitted level can be from the exact Lloyd–Max centroid)."""
 
 _LLOYD_ITERS = 100
 
@@ -109,17 +111,51 @@ def _levels_like(levels, like):
     return asarray_like(np.asarray(levels, dtype=np.float64), like)
 
 
-def quantize_codebook(t, levels, *, rng=None):
-    """Codes (uint8) of the normalized values ``t`` (float64, ``x / scale``) on the sorted
-    ``levels``: nearest (exact midpoints go up) or, with ``rng``, unbiased stochastic rounding
-    between the two levels around t (values outside the outer levels go to them)."""
+_LUT_BINS = 1 << 14
+
+
+@lru_cache(maxsize=64)
+def _nearest_table(levels: tuple) -> tuple | None:
+    """(mids, lut) for :func:`nearest_codes`: float32 midpoints (+inf appended) and, per bin
+    of :data:`_LUT_BINS` over [-1, 1], the number of midpoints at or below its left edge; None
+    when some bin holds two midpoints (then a binary search decides)."""
+    c = np.asarray(levels, dtype=np.float64)
+    mids = ((c[1:] + c[:-1]) * 0.5).astype(np.float32)
+    edges = (np.arange(_LUT_BINS + 1, dtype=np.float64) / (_LUT_BINS / 2) - 1.0).astype(np.float32)
+    lut = np.searchsorted(mids, edges, side="right")
+    if np.any(np.diff(lut) > 1) or np.any(np.abs(mids) > 1):
+        return None
+    return np.append(mids, np.float32(np.inf)), lut[:-1].astype(np.uint8)
+
+
+def nearest_codes(t, levels):
+    """Codes (uint8) of the nearest of the sorted ``levels`` (exact midpoints go up) for
+    float32 normalized values ``t``: a table lookup on a fine grid of [-1, 1] and one
+    comparison with the midpoint the cell may hold (3× faster than a binary search)."""
     xp = array_namespace(t)
+    table = _nearest_table(tuple(np.asarray(levels, dtype=np.float32).tolist()))
+    if table is None:
+        c = np.asarray(levels, dtype=np.float64)
+        mids = xp.asarray(((c[1:] + c[:-1]) * 0.5).astype(np.float32))
+        return xp.searchsorted(mids, t, side="right").astype(np.uint8)
+    mids, lut = (xp.asarray(v) for v in table)
+    idx = ((t + np.float32(1.0)) * np.float32(_LUT_BINS / 2)).astype(np.int32)
+    xp.clip(idx, 0, _LUT_BINS - 1, out=idx)
+    k = lut[idx]
+    return (k + (t >= mids[k])).astype(np.uint8)
+
+
+def quantize_codebook(t, levels, *, rng=None):
+    """Codes (uint8) of the normalized values ``t`` (``x / scale``) on the sorted ``levels``:
+    nearest (:func:`nearest_codes`, on float32 t) or, with ``rng``, unbiased stochastic
+    rounding between the two levels around t (float64; values outside the outer levels go to
+    them)."""
+    xp = array_namespace(t)
+    if rng is None:
+        return nearest_codes(t.astype(np.float32, copy=False), levels)
     c = _levels_like(levels, t)
     top = c.shape[0] - 1
-    if rng is None:
-        mids = (c[1:] + c[:-1]) * 0.5
-        return xp.searchsorted(mids, t, side="right").astype(np.uint8)
-    t = xp.clip(t, c[0], c[top])
+    t = xp.clip(t.astype(np.float64, copy=False), c[0], c[top])
     k = xp.clip(xp.searchsorted(c, t, side="right") - 1, 0, max(top - 1, 0))
     if top == 0:
         return xp.zeros(t.shape, dtype=np.uint8)
@@ -130,24 +166,32 @@ def quantize_codebook(t, levels, *, rng=None):
 
 
 def dequantize_codebook(codes, scale, levels, *, dtype=np.float32):
-    """``scale · levels[codes]`` (scale broadcast over the block) in float64, cast to dtype."""
+    """``scale · levels[codes]`` (scale broadcast over the block) as ``dtype``: the exact
+    product of the two float32 numbers, rounded once (float32 arithmetic gives the same
+    bits as float64 arithmetic rounded to float32, at half the memory traffic)."""
+    xp = array_namespace(codes)
+    if np.dtype(dtype) == np.float32:
+        c = xp.asarray(np.asarray(levels, dtype=np.float32))
+        return scale.astype(np.float32, copy=False) * c[codes]
     c = _levels_like(levels, codes)
-    return (scale.astype(np.float64) * c[codes.astype(np.intp)]).astype(dtype)
+    return (scale.astype(np.float64) * c[codes]).astype(dtype)
 
 
-def block_histogram(t):
-    """Counts (int64, :data:`HIST_BINS`) of normalized values ``t`` in [-1, 1]; partial
-    histograms of blocks add up exactly."""
+def block_histogram(t, weights=None):
+    """Histogram (float64, :data:`HIST_BINS` bins over [-1, 1]) of normalized values ``t``,
+    each counted with its weight (1 by default). Partial histograms of blocks add up; in a
+    fixed order of blocks the sum is the same for every run."""
     xp = array_namespace(t)
     idx = xp.floor((xp.clip(t, -1.0, 1.0) + 1.0) * (HIST_BINS / 2.0)).astype(np.int64)
     idx = xp.clip(idx, 0, HIST_BINS - 1)
-    return xp.bincount(idx.ravel(), minlength=HIST_BINS).astype(np.int64)
+    w = None if weights is None else xp.broadcast_to(weights, t.shape).ravel()
+    return xp.bincount(idx.ravel(), weights=w, minlength=HIST_BINS).astype(np.float64)
 
 
 def fit_lloyd(counts: np.ndarray, bits: int) -> np.ndarray:
     """A Lloyd–Max codebook of 2^``bits`` sorted float32 levels in [-1, 1] for the
-    distribution of :func:`block_histogram` ``counts`` (bin centres as the samples), one level
-    pinned at exactly 0 (never worse than zeros, exact for zero groups).
+    distribution of :func:`block_histogram` ``counts`` (bin centres as the samples, weighted),
+    one level pinned at exactly 0 (never worse than zeros, exact for zero groups).
 
     Deterministic: a fixed start (the normal-float levels), a fixed number of iterations at
     most, float64 arithmetic on the driver. Cost O(HIST_BINS · iterations).

@@ -18,6 +18,7 @@ import numpy as np
 
 __all__ = [
     "SEED_BLOCK",
+    "STREAM_CODEBOOK_SAMPLE",
     "STREAM_CORANGE",
     "STREAM_DITHER_LEFT",
     "STREAM_DITHER_MATRIX",
@@ -42,6 +43,8 @@ transpose's rows are cut from seed blocks), independent of S."""
 STREAM_ERROR_TEST = 7
 """Γ (q × n), the test sketch Γ·A of the single-pass mode's error estimate, independent of
 S and Ψ (hence of the factors it tests)."""
+STREAM_CODEBOOK_SAMPLE = 8
+"""The seeded choice of A's blocks that a ``lloyd`` codebook of Q(A) is fitted to."""
 
 
 def block_generator(seed: int, stream: int, *key: int) -> np.random.Generator:
@@ -71,9 +74,7 @@ def sketch_rows(
         return np.zeros((0, n_cols), dtype=dtype)
     first, last = start // SEED_BLOCK, -(-stop // SEED_BLOCK)
     parts = [
-        block_generator(seed, stream, b)
-        .standard_normal((n_cols, SEED_BLOCK), dtype=np.float32)
-        .T
+        block_generator(seed, stream, b).standard_normal((n_cols, SEED_BLOCK), dtype=np.float32).T
         for b in range(first, last)
     ]
     block = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]

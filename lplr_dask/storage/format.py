@@ -11,7 +11,8 @@ Layout of a compressed group (format ``lplr-dask``, version 2)::
         R/codebook float32 (1, 2^B')           only for ``kind="lloyd"``: the fitted levels
         Q/...                                  the directly quantized matrix (``nq``, ``nq+lplr``)
 
-Ranges are stored in the quantizer's ``scale_dtype`` (float32, or float16 for 16-bit scales).
+Ranges are stored in the quantizer's ``scale_dtype`` (float32; float16; bfloat16 as uint16 bit
+patterns).
 Codebook kinds (``normal``, ``lloyd``, ``sign``) store their per-group scale in ``hi`` (no
 ``lo``). The quantizer attribute records the kind and scale dtype when they are not the
 defaults (``minmax``, float32), so min–max outputs keep their attributes of earlier versions.
@@ -68,7 +69,12 @@ from lplr_dask.kernels.packing import (
     packed_width,
     unpack_codes,
 )
-from lplr_dask.kernels.quantize import QuantizerSpec, dequantize
+from lplr_dask.kernels.quantize import (
+    QuantizerSpec,
+    dequantize,
+    scales_for_storage,
+    scales_from_storage,
+)
 
 __all__ = [
     "CHECKSUM_BYTES",
@@ -170,10 +176,10 @@ class FactorWriter:
         spec = self.spec
         r0 = row0 if spec.granularity in ("row", "group") else 0
         c0 = {"column": col0, "group": col0 // (spec.group_size or 1)}.get(spec.granularity, 0)
-        hi = to_numpy(hi)
+        hi = scales_for_storage(to_numpy(hi), spec)
         self._array("hi")[r0 : r0 + hi.shape[0], c0 : c0 + hi.shape[1]] = hi
         if not spec.symmetric:
-            lo = to_numpy(lo)
+            lo = scales_for_storage(to_numpy(lo), spec)
             self._array("lo")[r0 : r0 + lo.shape[0], c0 : c0 + lo.shape[1]] = lo
 
 
@@ -219,7 +225,7 @@ def factor_layout(shape, spec: QuantizerSpec, chunks) -> dict[str, ArrayLayout]:
         "group": (crow, -(-ccol // (spec.group_size or 1))),
     }[spec.granularity]
     for part in ("hi",) if spec.symmetric else ("hi", "lo"):
-        out[part] = ArrayLayout(spec.range_shape((rows, cols)), rchunks, spec.scale_dtype)
+        out[part] = ArrayLayout(spec.range_shape((rows, cols)), rchunks, spec.stored_scale_dtype)
     if spec.stores_codebook:
         out["codebook"] = ArrayLayout((1, spec.levels), (1, spec.levels), "float32")
     return out
@@ -723,12 +729,14 @@ def read_factor_block(
     else:
         csl = slice(None)
     hpath = os.path.join(path, "hi")
-    hi_b = _read_region(hpath, _open_array(hpath), rsl, csl, require=req).astype(np.float32)
+    hi_b = scales_from_storage(_read_region(hpath, _open_array(hpath), rsl, csl, require=req), spec)
     if spec.symmetric:
         lo_b = -hi_b
     else:
         lpath = os.path.join(path, "lo")
-        lo_b = _read_region(lpath, _open_array(lpath), rsl, csl, require=req).astype(np.float32)
+        lo_b = scales_from_storage(
+            _read_region(lpath, _open_array(lpath), rsl, csl, require=req), spec
+        )
     book = None
     if spec.stores_codebook:
         bpath = os.path.join(path, "codebook")

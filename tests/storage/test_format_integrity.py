@@ -313,7 +313,8 @@ def test_cli_refuses_damage_in_one_paragraph(outputs, tmp_path):
     assert "is missing" in done["error deleted"][2]
     _, stdout, _ = done["clean verify"]
     assert stdout.strip().endswith("checksums match"), stdout
-    assert f"{clean}: 6 arrays" in stdout
+    # L and R (lloyd): codes, hi, codebook; Q (normal-float): codes, hi
+    assert f"{clean}: 8 arrays" in stdout
     assert "crc32c" in done["clean info"][1]
     assert not (tmp_path / "dest.zarr").exists()
     assert {k: tree_digest(p) for k, p in damaged.items()} == before

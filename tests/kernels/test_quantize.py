@@ -623,8 +623,10 @@ def test_row_slabs_change_no_code_and_no_value(monkeypatch, granularity, roundin
     lo, hi = block_range(x, spec=spec)
     whole = qmod._quantize_slab(x, lo, hi, spec=spec, rng=np.random.default_rng(7))
     values = dequantize(whole, lo, hi, spec=spec)
-    monkeypatch.setattr(qmod, "SLAB_ENTRIES", 7 * 40)  # slabs of 7 rows: 8 slabs, last short
-    assert len(qmod._row_slabs(50, 40)) == 8
+    from lplr_dask.kernels import spec as smod
+
+    monkeypatch.setattr(smod, "SLAB_ENTRIES", 7 * 40)  # slabs of 7 rows: 8 slabs, last short
+    assert len(smod.row_slabs(50, 40)) == 8
     sliced = quantize(x, lo, hi, spec=spec, rng=np.random.default_rng(7))
     np.testing.assert_array_equal(sliced, whole)
     np.testing.assert_array_equal(dequantize(sliced, lo, hi, spec=spec), values)

@@ -324,16 +324,20 @@ def test_bytes_on_disk_are_the_reported_bytes(tmp_path, shape, method, kw):
 
 def test_checkpoint_policy_counts_the_honest_bytes():
     """The policy's exact bits are the stored ones: on 4097 × 130, 2-bit group-wise codes
-    take 33 bytes per row (130 codes) plus two float32 scales, over 4098 stored rows."""
+    take 33 bytes per row (130 codes) plus two scales, over 4098 stored rows (float32 for
+    minmax; bfloat16 and a 4-level float32 codebook for lloyd, the default)."""
     from lplr_dask.checkpoint.policy import nq_bits_for_budget
 
     shape = (4097, 130)
+    mm = CompressionOptions(method="nq", bits_matrix=2, quantizer="minmax").resolve(shape)
+    assert mm.block_shape == (2049, 130)
+    assert mm.nbytes(shape) == 4098 * (33 + 2 * 4)
     cfg = CompressionOptions(method="nq", bits_matrix=2, group_size=128).resolve(shape)
     assert cfg.block_shape == (2049, 130)
-    assert cfg.nbytes(shape) == 4098 * (33 + 2 * 4)
-    assert cfg.bits_per_entry(shape) > 2.5
-    assert nq_bits_for_budget(shape, budget=2.5, group_size=128) == 1
-    assert nq_bits_for_budget(shape, budget=2.53, group_size=128) == 2
+    assert cfg.nbytes(shape) == 4098 * (33 + 2 * 2) + 4 * 4
+    exact = cfg.bits_per_entry(shape)
+    assert nq_bits_for_budget(shape, budget=exact - 1e-9, group_size=128) == 1
+    assert nq_bits_for_budget(shape, budget=exact, group_size=128) == 2
 
 
 def test_verify_stage_refuses_missing_and_extra_chunks(tmp_path, matrix):

@@ -30,7 +30,7 @@ from lplr_dask.storage.fs import (
     temporary_output,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def lplr(*argv, cwd=None, env=None):

@@ -129,10 +129,36 @@ def test_live_lock_refuses_a_second_run(tmp_path, decaying_zarr):
 
 
 def test_verify_runs_an_independent_pass(tmp_path, decaying_zarr):
-    res = compress(decaying_zarr, tmp_path / "v.zarr", verify=True, **KW)
-    job_meta = zarr.open_group(str(tmp_path / "v.zarr"), mode="r").attrs["lplr_dask"]
-    assert job_meta["job_key"]
-    assert res.rel_fro_error > 0
+    """The verify stage's independent error is the reader's blockwise error of the written
+    codes, and agrees with the error from the projection's statistics."""
+    from lplr_dask.storage.reader import relative_error
+
+    job = CompressionJob.create(
+        decaying_zarr, tmp_path / "v.zarr", CompressionOptions(**KW), verify=True
+    )
+    res = job.run()
+    check = job.records["verify"].values["independent_rel_fro_error"]
+    assert check == pytest.approx(relative_error(decaying_zarr, tmp_path / "v.zarr"), rel=1e-12)
+    assert check == pytest.approx(res.rel_fro_error, rel=1e-3)
+    assert 0 < res.rel_fro_error < 0.5
+
+
+def test_verify_refuses_codes_that_do_not_match_the_computation(tmp_path, decaying_zarr):
+    """Codes changed between the projection and the verify stage (re-encoded, so every
+    checksum holds): the independent pass disagrees with the statistics, nothing is published."""
+    from lplr_dask.errors import VerificationError
+
+    out = tmp_path / "v.zarr"
+    job = CompressionJob.create(decaying_zarr, out, CompressionOptions(**KW), verify=True)
+    job.open()
+    for name in job.stages[: job.stages.index("project") + 1]:
+        job.run_stage(name)
+    codes = zarr.open_array(str(job.out_tmp / "R" / "codes"), mode="r+")
+    codes[:, :8] = 255 - codes[:, :8]  # every code of the first columns flipped
+    with pytest.raises(VerificationError, match="do not match the computation"):
+        job.run_stage("verify")
+    job.close(failed=True)
+    assert not out.exists()
 
 
 def test_stage_order_is_enforced(tmp_path, decaying_zarr):

@@ -12,7 +12,7 @@ from lplr_dask import CompressionOptions
 from lplr_dask.errors import ConfigError
 from pipelines.config import ClusterConfig, expand, load_config, parse_config
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+CONFIGS = sorted((Path(__file__).resolve().parents[2] / "configs").glob("*.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)

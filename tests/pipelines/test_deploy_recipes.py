@@ -22,7 +22,7 @@ import pytest
 
 yaml = pytest.importorskip("yaml")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 SLURM = DEPLOY / "slurm"
 K8S = DEPLOY / "kubernetes"
@@ -694,6 +694,6 @@ def test_readme_names_every_recipe():
         "kubernetes/prefect-worker.yaml",
         "kubernetes/data-pvc.yaml",
         "Dockerfile.gpu",
-        "tests/test_deploy_recipes.py",
+        "tests/pipelines/test_deploy_recipes.py",
     ):
         assert f in text, f

@@ -1,0 +1,1247 @@
+"""The rate–distortion planner: estimated errors of every candidate from one sketch.
+
+One planner serves ``--budget``, ``--method auto``, ``--max-error`` and (per tensor) the
+checkpoint policy. It reads A once (more only when the data ask for it, see *Passes*), keeps
+on the workers
+
+- Y = A·S, the sketch of the largest rank K that the candidates need (for ``nq+lplr`` also
+  the sketch of each residual A − Q(A)), with ‖A‖²;
+- a seeded sample of whole column groups of A (``sample_cols`` columns; all of A when d is
+  smaller), taken in the same pass: one task per tile computes its sketch partial and cuts
+  its sampled columns, so each tile of A has one consumer and is freed at once (streaming).
+
+**Exact on the sample.** Given the quantized left factor L̂, the error separates over columns,
+‖A − L̂R̂‖² = Σ_j ‖A_j − L̂R̂_j‖², and R̂_j depends only on column j and its scale group, so
+the error on the sampled columns is computed exactly as the run computes it (the same L̂ over
+all n rows, G = L̂ᵀL̂, R = G⁺L̂ᵀA_sample, R quantized group by group); the reported estimate is
+the ratio estimator √(err²_sample / ‖A_sample‖²). When the sample holds every column the
+estimate is the run's error, up to rounding (a K-column QR against the m-column one).
+
+**One sketch, every rank.** The sketch has the prefix property (:mod:`lplr_dask.kernels.random`):
+the first m columns of the K-column sketch are the rank-m sketch (scaled), and the first m
+columns of its QR factor span the rank-m range. The rank-m basis of each method is Q_K times
+a small K × m matrix built *on the workers* from the seed (the rank-m rotation of ``lplr``,
+the eigenvectors of the leading block of B·Bᵀ for ``dsvd``/``lplr-svd``), so no data is
+embedded in a task graph and the driver only receives errors.
+
+**Coarse to fine.** For a budget b and a method, each pair of bit widths (B, B′) has one
+candidate, its largest rank m(B, B′) within b. The error is smooth in (B, B′) along that
+frontier, so the search starts at the widest pair and the diagonal and moves to the best
+neighbour until none improves (a local search on the 8 × 8 grid, usually 10–20 of the 64
+pairs). Pairs whose rank exceeds the sketch are checked against an optimistic estimate
+first: the error² of the widest pair is convex and decreasing in rank, so its chord through
+two ranks, extended, is below it at larger ranks; fewer bits add what they cost at a small
+probe rank, counted at half (a model, not a proof: the coarse-to-fine test compares with the
+full grid). A pair whose estimate is above the best error found is pruned; only otherwise is
+the sketch extended by the missing columns (one more pass, prefix property).
+``--max-error E`` doubles the budget until an estimate meets E, then bisects the budget (the
+error is monotone in it).
+
+**Memory guard.** The sketch is n × K float64 on the workers (per operand): K is at most
+``min(n, d) − 1`` and at most :data:`PLAN_SKETCH_BYTES` / (8 n). Ranks above the guard are
+capped (``Plan.capped``); the run itself needs its n × m sketch anyway.
+
+**Passes.** ``plan`` makes one pass over A (the sketch and the sample), plus 2 per power
+iteration for the methods that use them, plus one for the truncation of ``dsvd`` and
+``lplr-svd``, plus one per sketch extension. The job reuses the sketch of the chosen
+configuration, so a budget run of ``lplr`` reads A twice, like a run with the rank given.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field, replace
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.array.utils import meta_from_array
+from dask.base import tokenize
+from dask.highlevelgraph import HighLevelGraph
+
+from lplr_dask.core.engine import (
+    Stages,
+    decode,
+    encode,
+    global_ranges_many,
+    gram,
+    left_multiply,
+    local_codebook,
+    quantize_rows_block,
+    right_multiply,
+)
+from lplr_dask.core.methods import (
+    basis_rotation,
+    check_finite_input,
+    nq_residual,
+    orthonormalize,
+)
+from lplr_dask.core.params import (
+    DEFAULT_SVD_POWER_ITER,
+    CompressionConfig,
+    CompressionOptions,
+)
+from lplr_dask.errors import ParameterError
+from lplr_dask.kernels.codebooks import fit_lloyd
+from lplr_dask.kernels.linalg import gram_pinv, top_eigenvectors
+from lplr_dask.kernels.quantize import block_range, entry_histogram
+from lplr_dask.kernels.random import (
+    SEED_BLOCK,
+    STREAM_LPLR_SVD_MIX,
+    STREAM_SKETCH,
+    block_generator,
+)
+from lplr_dask.kernels.xp import array_namespace, asarray_like, to_numpy
+from lplr_dask.storage.inputs import InputMatrix
+
+__all__ = [
+    "FAMILIES",
+    "PLAN_SKETCH_BYTES",
+    "Plan",
+    "Point",
+    "default_max_passes",
+    "family_passes",
+    "max_rank_for",
+    "plan",
+]
+
+PLAN_SKETCH_BYTES = 4 << 30
+"""The memory guard: the planner's sketch (n × K float64 per operand, on the workers) stays
+below this many bytes; larger ranks are capped and the plan says so."""
+
+IN_MEMORY_BYTES = 4 << 30
+"""``max_passes=None`` leaves the passes unbounded for inputs up to this size (read from the
+page cache, a pass costs its GEMM) and bounds them to 3 above it (every pass a cold read)."""
+
+BIT_CHOICES = tuple(range(1, 9))
+PROBE_RANK = 64
+"""The rank at which the planner measures what fewer bits cost, to prune wide sketches."""
+
+FAMILIES = ("lplr", "lplr+power", "dsvd", "lplr-svd", "nq", "nq+lplr")
+"""What ``method="auto"`` considers (``paper`` only when asked for by name)."""
+
+
+def family_passes(family: str, n_power_iter: int = 0, *, single_pass: bool = False) -> int:
+    """Passes over A of a compression of ``family`` (the plan's shared sketch counted as the
+    sketch pass it replaces): lplr and paper 2 (1 single-pass), + 2 per power iteration,
+    dsvd and lplr-svd 3 + 2 per power iteration, nq 1, nq+lplr 3."""
+    q = int(n_power_iter or 0)
+    if family == "nq":
+        return 1
+    if family == "nq+lplr":
+        return 3 + 2 * q
+    if family in ("dsvd", "lplr-svd"):
+        return 3 + 2 * q
+    return 1 if single_pass else 2 + 2 * q
+
+
+def default_max_passes(nbytes: int) -> int | None:
+    """``max_passes=None``: no bound up to :data:`IN_MEMORY_BYTES` of input (in memory an extra
+    pass costs only its GEMM), 3 beyond (out of core every pass is a cold read of A: lplr,
+    nq and nq+lplr stay available, the power-iteration methods do not)."""
+    return None if nbytes <= IN_MEMORY_BYTES else 3
+
+
+@dataclass(frozen=True)
+class Point:
+    """One scored candidate.
+
+    ``method`` is the family label (``"lplr+power"`` is ``lplr`` with power iterations),
+    ``passes`` the passes over A of its compression, ``estimated_rel_error`` the error on the
+    column sample (exact there).
+    """
+
+    config: CompressionConfig
+    bits_per_entry: float
+    estimated_rel_error: float
+    method: str
+    passes: int
+
+    def to_dict(self) -> dict:
+        c = self.config
+        return {
+            "method": self.method,
+            "rank": c.rank,
+            "bits_left": c.left.bits if c.left is not None else None,
+            "bits_right": c.right.bits if c.right is not None else None,
+            "bits_matrix": c.matrix.bits if c.matrix is not None else None,
+            "quantizer": _kind_of(c),
+            "n_power_iter": c.n_power_iter,
+            "passes": self.passes,
+            "bits_per_entry": self.bits_per_entry,
+            "estimated_rel_error": self.estimated_rel_error,
+            "config": c.to_dict(),
+        }
+
+
+def _kind_of(cfg: CompressionConfig) -> str | None:
+    for spec in (cfg.left, cfg.right, cfg.matrix):
+        if spec is not None and not spec.is_float:
+            return spec.kind
+    return None
+
+
+@dataclass
+class Plan:
+    """Every scored candidate of one matrix (:attr:`curve`) and the choices over it.
+
+    Attributes
+    ----------
+    shape : (int, int)
+    curve : list of Point
+        Every candidate scored, in the order scored.
+    sample_columns : int
+        Columns in the sample; ``exact`` is True when that is every column of A.
+    sketch_rank : int
+        K, the columns of the planner's sketch.
+    capped : bool
+        True when the memory guard capped a rank (see :data:`PLAN_SKETCH_BYTES`).
+    pruned : list of dict
+        Pairs ruled out by the rank bound without being scored (method, bits, rank, bound).
+    passes : int
+        Passes over A the planner made.
+    seconds : float
+    """
+
+    shape: tuple[int, int]
+    curve: list = field(default_factory=list)
+    sample_columns: int = 0
+    exact: bool = False
+    sketch_rank: int = 0
+    capped: bool = False
+    pruned: list = field(default_factory=list)
+    passes: int = 0
+    seconds: float = 0.0
+    _handover: dict = field(default_factory=dict, repr=False)
+
+    def best(self, budget: float) -> Point:
+        """The lowest estimated error among points with ``bits_per_entry <= budget``."""
+        fits = [p for p in self.curve if p.bits_per_entry <= budget * (1 + 1e-12)]
+        if not fits:
+            cheapest = min(self.curve, key=lambda p: p.bits_per_entry, default=None)
+            need = f"{cheapest.bits_per_entry:.4f}" if cheapest else "more"
+            raise ParameterError(
+                f"budget={budget} bits per entry is too small: the cheapest configuration "
+                f"scored needs {need} bits per entry for a {self.shape[0]}×{self.shape[1]} "
+                "matrix. Raise --budget to at least that, or use --method nq."
+            )
+        return min(fits, key=lambda p: (p.estimated_rel_error, p.bits_per_entry))
+
+    def cheapest(self, max_error: float) -> Point:
+        """The fewest bits per entry among points whose estimate is ``<= max_error``."""
+        meets = [p for p in self.curve if p.estimated_rel_error <= max_error]
+        if not meets:
+            best = min(self.curve, key=lambda p: p.estimated_rel_error)
+            raise ParameterError(
+                f"max_error={max_error} is out of reach: the lowest estimated error is "
+                f"{best.estimated_rel_error:.4g} at {best.bits_per_entry:.3f} bits per entry "
+                f"({best.method}, rank {best.config.rank}). Raise --max-error, or give "
+                "--budget for the best error within a size."
+            )
+        return min(meets, key=lambda p: (p.bits_per_entry, p.estimated_rel_error))
+
+    def frontier(self) -> list[Point]:
+        """The Pareto points: each has a lower estimate than every cheaper point."""
+        out, best = [], math.inf
+        for p in sorted(self.curve, key=lambda p: (p.bits_per_entry, p.estimated_rel_error)):
+            if p.estimated_rel_error < best:
+                out.append(p)
+                best = p.estimated_rel_error
+        return out
+
+    def table(self) -> list[dict]:
+        """The curve as rows (the ``budget_search`` of a result), without the configs."""
+        return [{k: v for k, v in p.to_dict().items() if k != "config"} for p in self.curve]
+
+    def sketch_for(self, config: CompressionConfig):
+        """The sketch the job's ``sketch`` stage would compute for ``config`` (n × k float64,
+        on the workers), cut from the planner's, or None when it has none for it."""
+        key = _operand_key(config)
+        entry = self._handover.get((key, int(config.n_power_iter)))
+        if entry is None or not config.rank:
+            return None
+        y, norm2, scale_cols = entry
+        k = config.rank + config.n_oversamples
+        if config.method in ("dsvd", "lplr-svd"):
+            k = min(config.rank + max(config.n_oversamples, 10), min(self.shape))
+        if k > y.shape[1]:
+            return None
+        out = y[:, :k]
+        if scale_cols:  # a plain sketch: A·S_k has entries of S scaled by 1/√k, ours by 1/√K₀
+            out = out * math.sqrt(scale_cols / k)
+        return out, norm2
+
+
+def _operand_key(config: CompressionConfig):
+    return None if config.matrix is None else tokenize(config.matrix.to_dict())
+
+
+def max_rank_for(shape, *, budget: float, make) -> int:
+    """Largest m with ``make(m).bits_per_entry(shape) <= budget`` (0 if none): a bisection
+    over 1 ≤ m < min(n, d) (bits grow with m)."""
+    lo, hi = 0, min(shape) - 1
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if make(mid).bits_per_entry(shape) <= budget:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+# ----------------------------------------------------------------------------- kernels
+
+
+def _sketch_cols(seed: int, start: int, stop: int, c0: int, c1: int, scale: float):
+    """Rows start:stop, columns c0:c1 of the unscaled sketch stream, times ``scale``: the
+    columns of :func:`lplr_dask.kernels.random.sketch_rows` (drawn column by column per seed
+    block, so any column range is cut from the same numbers)."""
+    first, last = start // SEED_BLOCK, -(-stop // SEED_BLOCK)
+    parts = [
+        block_generator(seed, STREAM_SKETCH, b)
+        .standard_normal((c1, SEED_BLOCK), dtype=np.float32)[c0:c1]
+        .T
+        for b in range(first, last)
+    ]
+    block = np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+    off = start - first * SEED_BLOCK
+    return np.ascontiguousarray(block[off : off + stop - start] * np.float32(scale))
+
+
+def _sketch_block(seed, start, stop, c0, c1, scale, dtype, like):
+    return asarray_like(_sketch_cols(seed, start, stop, c0, c1, scale).astype(dtype), like)
+
+
+def _sketch_columns(d, c0, c1, *, seed, scale, row_chunks, dtype, meta):
+    """Columns c0:c1 of the sketch S (d × (c1 − c0)), each block built on its worker."""
+    name = "lplr-plan-sketch-" + tokenize(seed, d, c0, c1, scale, row_chunks, np.dtype(dtype).str)
+    bounds = np.cumsum((0, *row_chunks))
+    dsk = {
+        (name, j, 0): (
+            _sketch_block,
+            seed,
+            int(bounds[j]),
+            int(bounds[j + 1]),
+            c0,
+            c1,
+            scale,
+            dtype,
+            meta,
+        )
+        for j in range(len(row_chunks))
+    }
+    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
+    return da.Array(graph, name, chunks=(tuple(row_chunks), (c1 - c0,)), dtype=dtype, meta=meta)
+
+
+def _plan_tile(a, s, ii, jj, *, specs, seed, row_chunks, col_chunks, sample):
+    """One tile's share of the planning pass: ([A·S | (A − Q(A))·S per spec | row ‖A‖²] as a
+    float64 partial sum, the tile's sampled columns of A)."""
+    xp = array_namespace(a)
+    r0, c0 = int(to_numpy(ii[:1])[0]), int(to_numpy(jj[:1])[0])  # the tile's first row, column
+    i = int(np.searchsorted(np.cumsum(row_chunks), r0, side="right"))
+    j = int(np.searchsorted(np.cumsum(col_chunks), c0, side="right"))
+    s = s.astype(a.dtype, copy=False)
+    parts = [xp.matmul(a, s).astype(np.float64)]
+    info = {
+        0: {
+            "chunk-location": (i, j),
+            "array-location": [(r0, r0 + a.shape[0]), (c0, c0 + a.shape[1])],
+        }
+    }
+    for spec in specs:
+        res = nq_residual(a, spec=spec, lo=None, hi=None, seed=seed, block_info=info)
+        parts.append(xp.matmul(res, s).astype(np.float64))
+    taken = None
+    if sample is not None:
+        parts.append(xp.einsum("ij,ij->i", a, a, dtype=np.float64)[:, None])
+        lo, hi = np.searchsorted(sample, [c0, c0 + a.shape[1]])
+        taken = a[:, asarray_like(sample[lo:hi] - c0, a)]
+    return xp.concatenate(parts, axis=1), taken
+
+
+def _partial_of(t):
+    return t[0][:, None, :]
+
+
+def _sample_of(t):
+    return t[1]
+
+
+def _planning_pass(a, s, *, specs, seed, sample):
+    """One pass over A: (Σ_j partials, n × width float64; the sample A[:, sample] or None).
+
+    Each tile has one consumer (the kernel), whose small result two cheap tasks split: the
+    partial goes to the fixed summation tree, the sampled columns to the sample."""
+    k = s.shape[1]
+    width = k * (1 + len(specs)) + (0 if sample is None else 1)
+    ii = da.arange(a.shape[0], chunks=(a.chunks[0],))  # row and column numbers, built on the
+    jj = da.arange(a.shape[1], chunks=(a.chunks[1],))  # workers: they locate each tile
+    tiles = da.blockwise(
+        _plan_tile,
+        "ij",
+        a,
+        "ij",
+        s,
+        "jk",
+        ii,
+        "i",
+        jj,
+        "j",
+        dtype=object,
+        meta=np.empty((0, 0), dtype=object),
+        concatenate=True,
+        specs=specs,
+        seed=seed,
+        row_chunks=a.chunks[0],
+        col_chunks=a.chunks[1],
+        sample=sample,
+    )
+    part = da.blockwise(
+        _partial_of,
+        "ijk",
+        tiles,
+        "ij",
+        new_axes={"k": width},
+        adjust_chunks={"j": 1},
+        dtype=np.float64,
+        meta=np.empty((0, 0, 0)),
+    )
+    total = part.sum(axis=1, split_every=8)
+    if sample is None:
+        return total, None
+    bounds = np.cumsum((0, *a.chunks[1]))
+    per_block = tuple(
+        int(np.searchsorted(sample, bounds[j + 1]) - np.searchsorted(sample, bounds[j]))
+        for j in range(a.numblocks[1])
+    )
+    cols = da.blockwise(
+        _sample_of,
+        "ij",
+        tiles,
+        "ij",
+        adjust_chunks={"j": per_block},
+        dtype=a.dtype,
+        meta=meta_from_array(a),
+    )
+    return total, cols.rechunk({1: -1})
+
+
+def _rotation(seed, m):
+    return basis_rotation(seed, m)
+
+
+def _svd_transform(bbt, k, m, method, seed, n_cols):
+    """The K × m matrix T with basis = Q_K·T of ``dsvd`` (U_m of the leading k × k block of
+    B·Bᵀ) or ``lplr-svd`` (U_m Σ_m Ω_m, Ω the run's seeded k... m × m mix)."""
+    bbt = to_numpy(bbt)
+    u, w = top_eigenvectors(bbt[:k, :k], m)
+    if method == "lplr-svd":
+        sig = np.sqrt(np.maximum(w, 0.0))
+        mix = block_generator(seed, STREAM_LPLR_SVD_MIX).standard_normal((m, m)) / np.sqrt(m)
+        u = u @ (sig[:, None] * mix)
+    t = np.zeros((n_cols, m))
+    t[:k] = u
+    return t
+
+
+def _score(g, p, given, norms, rights):
+    """Estimated relative errors, one per right quantizer, of the left factor whose G = L̂ᵀL̂
+    and P = L̂ᵀA_sample are given: R = G⁺P (or ``given``, dsvd), quantized as the run does."""
+    g, p = to_numpy(g), to_numpy(p)
+    sub2, orig2 = (float(v) for v in to_numpy(norms))
+    r = gram_pinv(g) @ p if given is None else to_numpy(given)
+    out = []
+    for spec in rights:
+        lo, hi = (None, None) if spec.is_float else block_range(r, spec=spec)
+        book = local_codebook(r, spec, hi)
+        rhat = decode(encode(r, spec, lo, hi, codebook=book), spec, lo, hi, np.float64, book)
+        err2 = sub2 - 2 * float(np.sum(rhat * p)) + float(np.sum(rhat * (g @ rhat)))
+        out.append(float(np.sqrt(max(err2, 0.0) / orig2)) if orig2 > 0 else 0.0)
+    return out
+
+
+def _given(t, qts):
+    return to_numpy(t).T @ to_numpy(qts)
+
+
+def _histogram(block, spec, hi):
+    if hi is None:
+        _, hi = block_range(block, spec=spec)
+    return to_numpy(entry_histogram(block, asarray_like(hi, block), spec=spec))
+
+
+def _nq_score(sub, spec, seed):
+    """Relative error of Q(A) on the sample (exact for group-wise scales, whose groups the
+    sample keeps whole; a ``lloyd`` codebook is fitted to the sample)."""
+    info = {0: {"chunk-location": (0, 0), "array-location": [(0, sub.shape[0]), (0, sub.shape[1])]}}
+    book = None
+    if not spec.is_float and spec.stores_codebook:
+        _, hi = block_range(sub, spec=spec)
+        book = local_codebook(sub, spec, hi)
+    res = nq_residual(sub, spec=spec, lo=None, hi=None, seed=seed, block_info=info, codebook=book)
+    num = float(np.einsum("ij,ij->", res, res, dtype=np.float64))
+    den = float(np.einsum("ij,ij->", sub, sub, dtype=np.float64))
+    return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+def _sample_columns(d: int, *, group: int, sample_cols: int, seed: int) -> np.ndarray:
+    """Sorted column indices of whole groups, chosen by a seeded generator (all if d small)."""
+    if d <= sample_cols:
+        return np.arange(d)
+    n_groups = -(-d // group)
+    take = max(1, sample_cols // group)
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(99,)))
+    chosen = np.sort(rng.choice(n_groups, size=min(take, n_groups), replace=False))
+    return np.concatenate([np.arange(g * group, min((g + 1) * group, d)) for g in chosen])
+
+
+# ----------------------------------------------------------------------------- the planner
+
+
+@dataclass(frozen=True)
+class _Family:
+    label: str  # lplr, lplr+power, paper, dsvd, lplr-svd, nq+lplr, nq
+    method: str
+    n_power_iter: int
+    bits_matrix: int | None = None
+    quantizer: str | None = None
+    single_pass: bool = False  # scored as two-pass, run with passes=1 (max_passes=1)
+
+
+SINGLE_PASS_FACTOR = float(np.sqrt(4.0 / 3.0))
+"""``passes=1`` with its default co-range sketch ℓ = 4m + 1: the error is about
+√(1 + m/(ℓ − m − 1)) = √(4/3) times the two-pass error (Tropp et al. 2017, Thm. 4.3), the
+factor the planner applies to the two-pass estimate."""
+
+
+class _Planner:
+    def __init__(self, matrix: InputMatrix, options: CompressionOptions, stages, sample_cols):
+        self.matrix, self.options, self.stages = matrix, options, stages
+        self.a = matrix.data
+        self.shape = tuple(int(v) for v in matrix.shape)
+        n, d = self.shape
+        self.sample_cols = sample_cols
+        group = options.group_size or 128
+        self.cols = _sample_columns(d, group=group, sample_cols=sample_cols, seed=options.seed)
+        self.k0 = 0  # the scale of the sketch columns: entries N(0, 1/k0)
+        self.k = 0
+        self.y: dict = {}  # operand key -> n × K sketch (float64)
+        self.residual_specs: dict = {}  # operand key -> QuantizerSpec of Q(A)
+        self.bases: dict = {}  # (operand, q) -> Q, and (operand, q, "svd") -> (bbt, QᵀA_sub)
+        self.power: dict = {}
+        self.sub = None  # A_sample (n × s, A's dtype)
+        self.subs: dict = {}
+        self.norm2 = None
+        self.scored: dict = {}  # (family, m, B, B', kind) -> Point
+        self.curve: list[Point] = []
+        self.pruned: list = []
+        self.passes = 0
+        self.capped = False
+        itemsize = 8
+        self.k_limit = max(1, min(min(n, d) - 1, PLAN_SKETCH_BYTES // (itemsize * n)))
+
+    # -------------------------------------------------------------- configurations
+
+    def config(self, fam: _Family, m=None, bl=None, br=None) -> CompressionConfig:
+        opts = replace(
+            self.options,
+            method=fam.method,
+            budget=None,
+            max_error=None,
+            rank=m,
+            bits_left=bl,
+            bits_right=br,
+            bits_matrix=fam.bits_matrix,
+            n_power_iter=fam.n_power_iter,
+            quantizer=fam.quantizer,
+            max_rank=None,
+        )
+        return opts.resolve(self.shape, block_shape=self.matrix.block_shape)
+
+    def rank_for(self, fam, b, bl, br) -> int:
+        key = ("rank", fam, b, bl, br)
+        if key not in self.scored:
+            self.scored[key] = max_rank_for(
+                self.shape, budget=b, make=lambda m: self.config(fam, m, bl, br)
+            )
+        return self.scored[key]
+
+    def operand(self, fam: _Family):
+        if fam.method != "nq+lplr":
+            return None
+        spec = self.config(fam, 1, 8, 8).matrix
+        if not spec.is_float and spec.granularity == "tensor":
+            raise ParameterError(
+                "method='nq+lplr' with a budget needs group-wise scales for Q(A); set "
+                "--group-size to a multiple of 8 (such as 128)."
+            )
+        key = tokenize(spec.to_dict())
+        self.residual_specs.setdefault(key, spec)
+        return key
+
+    # -------------------------------------------------------------- passes over A
+
+    def ensure(self, k: int, operands) -> int:
+        """Make the sketch of every operand at least k columns wide (capped by the guard);
+        returns the columns available."""
+        if k > self.k_limit:
+            self.capped = True
+        k = max(1, min(k, self.k_limit))
+        new_ops = [o for o in operands if o not in self.y]
+        if self.sub is None:
+            self._first_pass(max(k, 1), [o for o in dict.fromkeys([None, *operands])])
+            return self.k
+        if new_ops:
+            self._extend(0, self.k, new_ops)
+        if k > self.k:
+            self._extend(self.k, k, list(self.y))
+        return self.k
+
+    def _first_pass(self, k, operands):
+        a, seed = self.a, self.options.seed
+        self.k0 = self.k = k
+        s = _sketch_columns(
+            a.shape[1],
+            0,
+            k,
+            seed=seed,
+            scale=1 / math.sqrt(k),
+            row_chunks=a.chunks[1],
+            dtype=a.dtype,
+            meta=meta_from_array(a),
+        )
+        res = [o for o in operands if o is not None]
+        specs = [self.residual_specs[o] for o in res]
+        ext, sub = _planning_pass(a, s, specs=specs, seed=seed, sample=self.cols)
+        ext, sub = self.stages.persist("plan-sketch", ext, sub)
+        self.passes += 1
+        for i, o in enumerate([None, *res]):
+            self.y[o] = ext[:, i * k : (i + 1) * k]
+        at = k * (1 + len(res))
+        norm2 = float(ext[:, at].sum().compute())
+        check_finite_input(norm2, a, self.matrix.path or "array", self.stages)
+        self.norm2 = norm2
+        self.sub = sub
+        self.subs = {None: self.sub}
+
+    def _extend(self, c0, c1, operands):
+        a, seed = self.a, self.options.seed
+        s = _sketch_columns(
+            a.shape[1],
+            c0,
+            c1,
+            seed=seed,
+            scale=1 / math.sqrt(self.k0),
+            row_chunks=a.chunks[1],
+            dtype=a.dtype,
+            meta=meta_from_array(a),
+        )
+        res = [o for o in operands if o is not None]
+        plain = None in operands
+        specs = [self.residual_specs[o] for o in res]
+        ext, _ = _planning_pass(a, s, specs=specs, seed=seed, sample=None)
+        (ext,) = self.stages.persist("plan-extend", ext)
+        self.passes += 1
+        w = c1 - c0
+        for i, o in enumerate([None, *res]):
+            if o is None and not plain:
+                continue
+            part = ext[:, i * w : (i + 1) * w]
+            y = part if c0 == 0 else da.concatenate([self.y[o], part], axis=1)
+            (self.y[o],) = self.stages.persist("plan-extend", y.rechunk({1: -1}))
+        if c0 == self.k or (c0 == 0 and c1 > self.k):
+            self.k = c1
+        # bases built on the narrower sketch are stale
+        self.bases = {k: v for k, v in self.bases.items() if k[0] not in operands}
+        self.power = {k: v for k, v in self.power.items() if k[0] not in operands}
+
+    def sample_of(self, op):
+        if op not in self.subs:
+            spec = self.residual_specs[op]
+            sub = self.sub.map_blocks(
+                nq_residual,
+                dtype=self.sub.dtype,
+                spec=spec,
+                lo=None,
+                hi=None,
+                seed=self.options.seed,
+            )
+            (self.subs[op],) = self.stages.persist("plan-sample", sub)
+        return self.subs[op]
+
+    def sketch(self, op, q):
+        """The (power-iterated) sketch of an operand, n × K."""
+        if q == 0:
+            return self.y[op]
+        key = (op, q)
+        if key not in self.power:
+            a = self.a if op is None else self._operand_array(op)
+            y = self.y[op]
+            for _ in range(q):
+                z = orthonormalize(left_multiply(a, orthonormalize(y)).T)
+                (z,) = self.stages.persist("plan-power-iteration", z)
+                (y,) = self.stages.persist("plan-power-iteration", right_multiply(a, z))
+                self.passes += 2
+            self.power[key] = y
+        return self.power[key]
+
+    def _operand_array(self, op):
+        spec = self.residual_specs[op]
+        return self.a.map_blocks(
+            nq_residual, dtype=self.a.dtype, spec=spec, lo=None, hi=None, seed=self.options.seed
+        )
+
+    def basis(self, op, q):
+        key = (op, q)
+        if key not in self.bases:
+            (self.bases[key],) = self.stages.persist(
+                "plan-basis", orthonormalize(self.sketch(op, q))
+            )
+        return self.bases[key]
+
+    def svd_parts(self, op, q):
+        key = (op, q, "svd")
+        if key not in self.bases:
+            a = self.a if op is None else self._operand_array(op)
+            qb = self.basis(op, q)
+            b = left_multiply(a, qb)  # K × d: one pass over A
+            bbt, qts = self.stages.persist(
+                "plan-truncate", gram(b.T), left_multiply(self.sample_of(op), qb)
+            )
+            self.passes += 1
+            self.bases[key] = (bbt, qts)
+        return self.bases[key]
+
+    # -------------------------------------------------------------- scoring
+
+    def score(self, fam: _Family, cands) -> None:
+        """Score candidates [(m, B, B′)] of one family (all ranks ≤ the sketch)."""
+        cands = [c for c in cands if (fam, *c) not in self.scored]
+        if not cands:
+            return
+        op = self.operand(fam)
+        q = fam.n_power_iter
+        sub = self.sample_of(op)
+        orig = self.sub
+        norms_key = ("norms", op)
+        if norms_key not in self.scored:
+            self.scored[norms_key] = da.stack(
+                [(sub.astype(np.float64) ** 2).sum(), (orig.astype(np.float64) ** 2).sum()]
+            )
+        norms = self.scored[norms_key]
+        dtype = self.a.dtype
+        lefts = {}  # (m, B) -> (X, spec, given)
+        for m, bl, br in cands:
+            if (m, bl) in lefts:
+                continue
+            cfg = self.config(fam, m, bl, br)
+            given = None
+            if fam.method == "paper":
+                x = self.y[op][:, :m] * math.sqrt(self.k0 / m)
+            elif fam.method in ("dsvd", "lplr-svd"):
+                bbt, qts = self.svd_parts(op, q)
+                qb = self.basis(op, q)
+                kk = min(m + max(cfg.n_oversamples, 10), min(self.shape), qb.shape[1])
+                t = da.from_delayed(
+                    dask.delayed(_svd_transform)(bbt, kk, m, fam.method, cfg.seed, qb.shape[1]),
+                    shape=(qb.shape[1], m),
+                    dtype=np.float64,
+                )
+                x = qb @ t
+                if fam.method == "dsvd":
+                    given = dask.delayed(_given)(t, qts)
+            else:
+                qb = self.basis(op, q)
+                t = da.from_delayed(
+                    dask.delayed(_rotation)(cfg.seed, m), shape=(m, m), dtype=np.float64
+                )
+                x = qb[:, :m] @ t
+            lefts[(m, bl)] = (x, cfg.left, given)
+        # X is read three times (ranges, codebook, L̂): keep this round's on the workers
+        keys = list(lefts)
+        xs = self.stages.persist("plan-basis", *[lefts[key][0] for key in keys])
+        lefts = {key: (x, *lefts[key][1:]) for key, x in zip(keys, xs, strict=True)}
+        # L's ranges with its own quantizer, all in one stage
+        ranges = {}
+        by_spec: dict = {}
+        for key, (_x, spec, _) in lefts.items():
+            if not spec.is_float:
+                by_spec.setdefault(spec, []).append(key)
+        for spec, keys in by_spec.items():
+            found = global_ranges_many(
+                [lefts[k][0] for k in keys], spec, self.stages, "plan-ranges"
+            )
+            ranges.update(dict(zip(keys, found, strict=True)))
+        books = self._codebooks(lefts, ranges)
+        work = {}
+        for key, (x, spec, given) in lefts.items():
+            lo, hi = ranges.get(key, (None, None))
+            book = books.get(key)
+            lhat = x.map_blocks(
+                quantize_rows_block,
+                spec=spec,
+                lo=lo,
+                hi=hi,
+                seed=fam_seed(self.options),
+                codebook=book,
+                out_dtype=dtype,
+                dtype=dtype,
+            )
+            rights = [self.config(fam, *c).right for c in cands if (c[0], c[1]) == key]
+            work[key] = dask.delayed(_score)(
+                gram(lhat), left_multiply(sub, lhat), given, norms, rights
+            )
+        errs = self.stages.compute("plan-score", *work.values())
+        for key, errors in zip(work, errs, strict=True):
+            mine = [c for c in cands if (c[0], c[1]) == key]
+            for c, e in zip(mine, errors, strict=True):
+                cfg = self.config(fam, *c)
+                pt = Point(
+                    cfg,
+                    cfg.bits_per_entry(self.shape),
+                    e * SINGLE_PASS_FACTOR if fam.single_pass else e,
+                    fam.label,
+                    family_passes(fam.label, fam.n_power_iter, single_pass=fam.single_pass),
+                )
+                self.scored[(fam, *c)] = pt
+                self.curve.append(pt)
+
+    def _codebooks(self, lefts, ranges) -> dict:
+        """The ``lloyd`` codebooks of every left factor of a round in one stage, as
+        :func:`lplr_dask.core.engine.fit_codebook` fits them (histograms of the blocks summed
+        in block order, then Lloyd–Max)."""
+        tasks = {}
+        for key, (x, spec, _) in lefts.items():
+            if spec.is_float or not spec.stores_codebook:
+                continue
+            hi = ranges.get(key, (None, None))[1]
+            tasks[key] = [dask.delayed(_histogram)(b, spec, hi) for b in x.to_delayed().ravel()]
+        if not tasks:
+            return {}
+        flat = [t for ts in tasks.values() for t in ts]
+        counts = list(self.stages.compute("plan-codebook", *flat))
+        out, at = {}, 0
+        for key, ts in tasks.items():
+            out[key] = fit_lloyd(sum(counts[at : at + len(ts)]), lefts[key][1].bits)
+            at += len(ts)
+        return out
+
+    def score_nq(self, fam: _Family, bits) -> None:
+        todo = [b for b in bits if (fam, b) not in self.scored]
+        if not todo:
+            return
+        if self.sub is None:
+            self.ensure(1, [None])
+        cfgs = {b: replace_bits(self, fam, b) for b in todo}
+        tasks = [dask.delayed(_nq_score)(self.sub, c.matrix, c.seed) for c in cfgs.values()]
+        errs = self.stages.compute("plan-score", *tasks)
+        for b, e in zip(cfgs, errs, strict=True):
+            cfg = cfgs[b]
+            pt = Point(cfg, cfg.bits_per_entry(self.shape), e, "nq", 1)
+            self.scored[(fam, b)] = pt
+            self.curve.append(pt)
+
+    # -------------------------------------------------------------- searches
+
+    def grid(self):
+        o = self.options
+        lefts = (o.bits_left,) if o.bits_left is not None else BIT_CHOICES
+        rights = (o.bits_right,) if o.bits_right is not None else BIT_CHOICES
+        return lefts, rights
+
+    def search_budget(self, fam: _Family, b: float, exhaustive: bool = False) -> Point | None:
+        """The best candidate of ``fam`` within ``b`` (coarse to fine over (B, B′); every
+        pair with ``exhaustive``)."""
+        if fam.method == "nq":
+            bits = (fam.bits_matrix,) if fam.bits_matrix else (16, *BIT_CHOICES[::-1])
+            fits = [x for x in bits if replace_bits(self, fam, x).bits_per_entry(self.shape) <= b]
+            if not fits:
+                return None
+            self.score_nq(fam, fits[:1])  # the widest that fits: Q's error falls with bits
+            return self.scored[(fam, fits[0])]
+        lefts, rights = self.grid()
+        if fam.method == "paper":
+            lefts = (self.options.bits_left or 8,)
+            rights = (self.options.bits_right or 8,)
+        pairs = {}
+        for bl in lefts:
+            for br in rights:
+                try:
+                    m = self.rank_for(fam, b, bl, br)
+                except ParameterError:  # e.g. quantizer "sign" with more than 1 bit
+                    continue
+                if m >= 1:
+                    pairs[(bl, br)] = m
+        if not pairs:
+            return None
+        top = (max(p[0] for p in pairs), max(p[1] for p in pairs))
+        top = top if top in pairs else max(pairs, key=lambda p: (p[0] + p[1], p))
+        op = self.operand(fam)
+        extra = self.extra_cols(fam)
+        # The family's own span (not the shared sketch's width, which other families of auto
+        # may have widened): the same search, hence the same choice, alone or in auto.
+        span = min(self.cover(fam, b), self.k_limit)
+        if span < self.cover(fam, b):
+            self.capped = True
+        self.ensure(span, [op])
+
+        def cand(p):
+            return (max(1, min(pairs[p], span - extra)), *p)
+
+        def covered():
+            return [p for p in pairs if pairs[p] + extra <= span or span >= self.k_limit]
+
+        inside = covered()
+        start = [top] + [p for p in inside if p[0] == p[1] and p[0] >= top[0] - 1]
+        if exhaustive:
+            start = inside
+        self.score(fam, [cand(p) for p in dict.fromkeys(start)])
+        best = self._local_search(fam, inside, cand)
+        # Pairs beyond the span: pruned by the rank bound, or the sketch is extended.
+        beyond = [p for p in pairs if p not in inside]
+        if beyond:
+            bound = self._rank_bound(fam, top, pairs[top], span - extra, pairs)
+            live = []
+            for p in beyond:
+                lb = bound(pairs[p], p)
+                if lb >= self.scored[(fam, *cand(best))].estimated_rel_error and not exhaustive:
+                    self.pruned.append(
+                        {
+                            "method": fam.label,
+                            "bits_left": p[0],
+                            "bits_right": p[1],
+                            "rank": pairs[p],
+                            "budget": b,
+                            "bound": lb,
+                        }
+                    )
+                else:
+                    live.append(p)
+            if live:
+                want = max(pairs[p] for p in live) + extra
+                span = min(want, self.k_limit)
+                self.capped |= span < want
+                self.ensure(span, [op])
+                inside = covered()
+                self.score(fam, [cand(p) for p in (inside if exhaustive else live)])
+                best = self._local_search(fam, inside, cand)
+        return self.scored[(fam, *cand(best))]
+
+    def extra_cols(self, fam) -> int:
+        """Sketch columns beyond the rank: the oversampling of dsvd and lplr-svd."""
+        if fam.method in ("dsvd", "lplr-svd"):
+            return max(self.options.n_oversamples, 10)
+        return self.options.n_oversamples
+
+    def cover(self, fam, b) -> int:
+        """The sketch columns that the pairs within 2 bits of the widest need at budget b."""
+        if fam.method == "nq":
+            return 1
+        lefts, rights = self.grid()
+        if fam.method == "paper":
+            lefts = (self.options.bits_left or 8,)
+            rights = (self.options.bits_right or 8,)
+        top_l, top_r = max(lefts), max(rights)
+        ranks = []
+        for bl in lefts:
+            for br in rights:
+                if bl >= top_l - 2 and br >= top_r - 2:
+                    try:
+                        ranks.append(self.rank_for(fam, b, bl, br))
+                    except ParameterError:
+                        continue
+        return max(ranks, default=0) + self.extra_cols(fam)
+
+    def _local_search(self, fam, covered, cand):
+        done = [p for p in covered if (fam, *cand(p)) in self.scored]
+        best = min(done, key=lambda p: self.scored[(fam, *cand(p))].estimated_rel_error)
+        while True:
+            steps = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
+            nbrs = [
+                p
+                for p in covered
+                if (p[0] - best[0], p[1] - best[1]) in steps and (fam, *cand(p)) not in self.scored
+            ]
+            if not nbrs:
+                return best
+            self.score(fam, [cand(p) for p in nbrs])
+            new = min([best, *nbrs], key=lambda p: self.scored[(fam, *cand(p))].estimated_rel_error)
+            if new == best:
+                return best
+            best = new
+
+    def _rank_bound(self, fam, top, m_top, k, pairs):
+        """An optimistic estimate of the error of a pair (B, B′) at a rank m beyond k.
+
+        Three parts, each measured on the sample: the error² of the widest pair is convex and
+        decreasing in rank, so its chord through its errors at two ranks ≤ k, extended, is
+        below it for every larger rank; fewer bits add the increase they cause at the widest pair's
+        rank min(m_top, :data:`PROBE_RANK`), (B, B′_top) and (B_top, B′) (the probes: a
+        smaller rank, fewer bits, so within the budget and points of the curve), counted at
+        half (the increase grows with the captured energy, which is smaller at the probe's
+        rank). A pair whose estimate is above the best error
+        found is pruned; the coarse-to-fine test compares the result with the full grid.
+        """
+        m1 = min(m_top, k)
+        mp = min(m1, PROBE_RANK)  # a small rank: a cheap probe, and a smaller increase
+        # The chord of a convex function through (m0, m1), extended beyond m1, stays below it.
+        m0 = mp if mp < m1 else max(1, m1 // 2)
+        lefts = sorted({p[0] for p in pairs if pairs[p] > k})
+        rights = sorted({p[1] for p in pairs if pairs[p] > k})
+        probes = [(m0, *top), (m1, *top), (mp, *top)]
+        probes += [(mp, bl, top[1]) for bl in lefts] + [(mp, top[0], br) for br in rights]
+        self.score(fam, probes)
+
+        def e2(c):
+            return self.scored[(fam, *c)].estimated_rel_error ** 2
+
+        e0, e1, ep = e2((m0, *top)), e2((m1, *top)), e2((mp, *top))
+        slope = min(0.0, (e1 - e0) / max(m1 - m0, 1))
+        d_left = {bl: max(0.0, e2((mp, bl, top[1])) - ep) for bl in lefts}
+        d_right = {br: max(0.0, e2((mp, top[0], br)) - ep) for br in rights}
+
+        def bound(m, pair):
+            tangent = max(0.0, e1 + slope * (m - m1))
+            return float(np.sqrt(tangent + 0.5 * (d_left[pair[0]] + d_right[pair[1]])))
+
+        return bound
+
+    def search_error(self, fam: _Family, max_error: float, b0: float) -> Point | None:
+        """The fewest bits of ``fam`` with an estimate ≤ max_error: double the budget from b0
+        until one meets it, then bisect the budget."""
+        lo, hi, found = 0.0, b0, None
+        limit = 32.0
+        while hi <= limit:
+            p = self.search_budget(fam, hi)
+            if p is not None and p.estimated_rel_error <= max_error:
+                found = p
+                break
+            if p is not None and self.k >= self.k_limit and p.config.rank == self.k:
+                break
+            lo, hi = hi, hi * 2
+        if found is None:
+            return None
+        lo = max(lo, hi / 2) if lo else hi / 8
+        for _ in range(5):
+            mid = (lo + hi) / 2
+            p = self.search_budget(fam, mid)
+            if p is not None and p.estimated_rel_error <= max_error:
+                hi, found = mid, p
+            else:
+                lo = mid
+        return found
+
+
+def fam_seed(options):
+    return options.seed
+
+
+def replace_bits(planner: _Planner, fam: _Family, bits: int) -> CompressionConfig:
+    return planner.config(replace(fam, bits_matrix=bits))
+
+
+def _families(options: CompressionOptions, shape, nbytes, budgets) -> list[_Family]:
+    method, q_opt = options.method, options.n_power_iter
+    max_passes = options.max_passes
+    if max_passes is None:
+        max_passes = default_max_passes(nbytes)
+    if method != "auto":
+        q = (
+            q_opt
+            if q_opt is not None
+            else (DEFAULT_SVD_POWER_ITER if method in ("dsvd", "lplr-svd") else 0)
+        )
+        label = "lplr+power" if method == "lplr" and q else method
+        one = max_passes == 1 and method in ("lplr", "paper") and not q
+        if method == "nq+lplr":
+            bms = _matrix_bits(options, budgets)
+            fams = [_Family(label, method, q, bm, options.quantizer) for bm in bms]
+        else:
+            fams = [_Family(label, method, q, options.bits_matrix, options.quantizer, one)]
+        need = family_passes(label, q, single_pass=one)
+        if max_passes is not None and need > max_passes:
+            raise ParameterError(
+                f"method={method!r} reads A {need} times, more than max_passes={max_passes}. "
+                "Raise --max-passes, or use --method lplr (2 passes) or nq (1)."
+            )
+        return fams
+    q = DEFAULT_SVD_POWER_ITER if q_opt is None else q_opt
+    one = max_passes == 1
+    fams = [_Family("lplr", "lplr", 0, None, options.quantizer, one)]
+    if q:
+        fams.append(_Family("lplr+power", "lplr", q, None, options.quantizer))
+        fams.append(_Family("dsvd", "dsvd", q, None, options.quantizer))
+        fams.append(_Family("lplr-svd", "lplr-svd", q, None, options.quantizer))
+    fams.append(_Family("nq", "nq", 0, options.bits_matrix, options.quantizer))
+    if options.quantizer != "lloyd":
+        for bm in _matrix_bits(options, budgets):
+            fams.append(_Family("nq+lplr", "nq+lplr", 0, bm, options.quantizer))
+    if max_passes is not None:
+        fams = [
+            f
+            for f in fams
+            if family_passes(f.label, f.n_power_iter, single_pass=f.single_pass) <= max_passes
+        ]
+    return fams
+
+
+def _matrix_bits(options, budgets):
+    if options.bits_matrix is not None:
+        return [options.bits_matrix]
+    out = set()
+    for b in budgets:
+        top = int(min(8, np.floor(b)))
+        out |= {max(1, top - 1), max(1, top)}
+    return sorted(out)
+
+
+def plan(
+    matrix: InputMatrix,
+    options: CompressionOptions,
+    *,
+    stages: Stages | None = None,
+    sample_cols: int = 2048,
+    budgets=None,
+    exhaustive: bool = False,
+) -> Plan:
+    """Score the candidate configurations of ``matrix`` under ``options`` from one sketch.
+
+    Parameters
+    ----------
+    matrix : InputMatrix
+        The opened input (:func:`lplr_dask.storage.inputs.open_input`).
+    options : CompressionOptions
+        ``method`` (one method, or ``"auto"``: every family of :data:`FAMILIES` that
+        ``max_passes`` allows), and what to plan for: ``budget`` (b, bits per entry),
+        ``max_error`` (E, relative Frobenius error) or neither (then ``budgets``). Fixed
+        ``bits_left`` (B), ``bits_right`` (B′), ``bits_matrix`` (B_nq), ``quantizer``,
+        ``group_size``, ``seed``, ``rounding``, ``n_oversamples`` and ``n_power_iter`` bound
+        the candidates; ``max_rank`` caps the rank (default: no cap but the memory guard).
+    stages : Stages, optional
+        The stage runner (progress, timings, BLAS threads); a new one by default.
+    sample_cols : int, default 2048
+        Columns of A kept, in whole scale groups, to score candidates exactly on them.
+    budgets : sequence of float, optional
+        Score the best candidate of every method at each of these budgets (the checkpoint
+        policy asks for a curve this way); default ``(options.budget,)``.
+    exhaustive : bool, default False
+        Score every pair of bit widths instead of the coarse-to-fine search (a check of the
+        search; costs about four times more scoring).
+
+    Returns
+    -------
+    Plan
+        ``curve`` (every candidate scored), ``best(b)``, ``cheapest(E)``, ``frontier()``.
+
+    Raises
+    ------
+    ParameterError
+        If no candidate fits (the message gives the smallest budget that does) or a method
+        needs more passes than ``max_passes``.
+
+    Notes
+    -----
+    Passes over A: one (sketch of the largest rank needed, ‖A‖² and the column sample), plus
+    2 per power iteration and one truncation for ``dsvd``/``lplr-svd`` and ``lplr+power``
+    (``auto`` when ``max_passes`` allows them), plus one per sketch extension (only when the
+    rank bound cannot rule out a wider sketch; ``max_error`` extends as it doubles the
+    budget). Memory on the workers: the n × K float64 sketch per operand, its basis, and the
+    n × s sample (K ≤ :data:`PLAN_SKETCH_BYTES` / 8n); the driver holds scalars.
+
+    References
+    ----------
+    R. Saha, V. Srivastava, M. Pilanci. Matrix Compression via Randomized Low Rank and Low
+    Precision Factorization. NeurIPS 2023. arXiv:2310.11028.
+    H. Guo et al. LQ-LoRA: Low-rank plus quantized matrix decomposition. ICLR 2024.
+    arXiv:2311.12023 (the budgeted choice of a low-rank-plus-quantized configuration).
+    """
+    t0 = time.perf_counter()
+    stages = stages or Stages()
+    shape = tuple(int(v) for v in matrix.shape)
+    if budgets is None:
+        budgets = (options.budget,) if options.budget is not None else ()
+    budgets = tuple(float(b) for b in budgets)
+    if not budgets and options.max_error is None:
+        raise ParameterError(
+            "plan needs something to plan for: a budget (--budget BITS_PER_ENTRY), a maximum "
+            "error (--max-error E) or budgets=(...)."
+        )
+    nbytes = int(np.prod(shape)) * matrix.data.dtype.itemsize
+    fams = _families(options, shape, nbytes, budgets or (1.0,))
+    pl = _Planner(matrix, options, stages, sample_cols)
+    if options.max_rank is not None:
+        pl.k_limit = min(pl.k_limit, options.max_rank)
+    # One pass for every operand at the first budget's cover (nq+lplr's residuals included).
+    first = budgets[0] if budgets else 1.0
+    ops, cover = [None], 1
+    for fam in fams:
+        try:
+            ops.append(pl.operand(fam))
+            cover = max(cover, pl.cover(fam, first))
+        except ParameterError:
+            continue
+    pl.ensure(cover, list(dict.fromkeys(ops)))
+    chosen = []
+    for b in budgets:
+        for fam in fams:
+            try:
+                p = pl.search_budget(fam, b, exhaustive)
+            except ParameterError:
+                if len(fams) == 1:
+                    raise
+                continue
+            if p is not None:
+                chosen.append(p)
+    if options.max_error is not None:
+        for fam in fams:
+            try:
+                p = pl.search_error(fam, options.max_error, b0=1.0)
+            except ParameterError:
+                if len(fams) == 1:
+                    raise
+                continue
+            if p is not None:
+                chosen.append(p)
+    result = Plan(
+        shape,
+        curve=pl.curve,
+        sample_columns=len(pl.cols),
+        exact=len(pl.cols) == shape[1],
+        sketch_rank=pl.k,
+        capped=pl.capped,
+        pruned=pl.pruned,
+        passes=pl.passes,
+    )
+    if not pl.curve:
+        _raise_too_small(pl, fams, budgets, shape)
+    # The job's sketch stage takes its sketch from here (A's only: a residual's own norm is
+    # not kept).
+    if None in pl.y:
+        result._handover[(None, 0)] = (pl.y[None], pl.norm2, pl.k0)
+    for (op, q), y in pl.power.items():
+        if op is None:
+            result._handover[(None, q)] = (y, pl.norm2, 0)
+    result.seconds = time.perf_counter() - t0
+    return result
+
+
+def _raise_too_small(pl: _Planner, fams, budgets, shape):
+    needs = []
+    for fam in fams:
+        try:
+            if fam.method == "nq":
+                cfg = replace_bits(pl, fam, 1)
+            else:
+                lefts, rights = pl.grid()
+                cfg = pl.config(fam, 1, min(lefts), min(rights))
+            needs.append(cfg.bits_per_entry(shape))
+        except ParameterError:
+            continue
+    need = min(needs) if needs else float("nan")
+    raise ParameterError(
+        f"budget={min(budgets) if budgets else '?'} bits per entry is too small: the "
+        f"cheapest configuration needs {need:.4f} bits per entry for a {shape[0]}×{shape[1]} "
+        "matrix. Raise --budget to at least that, or use --method nq."
+    )

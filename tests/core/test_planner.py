@@ -1,0 +1,140 @@
+"""The rate–distortion planner (lplr_dask.core.planner) on real Zarr stores, threaded Dask."""
+
+from __future__ import annotations
+
+import dask
+import numpy as np
+import pytest
+from conftest import known_spectrum, write_zarr
+
+from lplr_dask import ParameterError, compress
+from lplr_dask.core.params import CompressionOptions
+from lplr_dask.core.planner import plan
+from lplr_dask.storage.inputs import open_input
+
+BLOCK = (300, 128)  # several blocks each way, so the sketch and sample are real reductions
+
+
+@pytest.fixture(autouse=True)
+def _threaded():
+    with dask.config.set(scheduler="threads"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def slow_decay(tmp_path_factory):
+    """1200 × 700, s_i = 10·0.97^i (i < 200) plus noise carrying ~2 % of ‖A‖: every rank up
+    to a few hundred still lowers the error, so the budget, not the matrix, limits the rank."""
+    a = known_spectrum(1200, 700, 10 * 0.97 ** np.arange(200), noise=2e-3, seed=4)
+    return write_zarr(tmp_path_factory.mktemp("planner") / "A.zarr", a, (300, 256))
+
+
+def _open(src):
+    return open_input(src, block_shape=BLOCK, group_size=128)
+
+
+def _opts(**kw):
+    return CompressionOptions(**kw)
+
+
+@pytest.mark.parametrize("budget", [1.0, 2.0])
+def test_best_is_within_budget_and_uses_it(slow_decay, budget):
+    p = plan(_open(slow_decay), _opts(budget=budget))
+    best = p.best(budget)
+    assert best.bits_per_entry <= budget
+    # One rank more at 8/8 bits costs 8·(n + d)/(n·d) = 0.018 bits per entry here, so the
+    # largest rank of the chosen pair leaves less than 2 % unused.
+    assert best.bits_per_entry >= 0.97 * budget
+    assert all(
+        pt.estimated_rel_error >= best.estimated_rel_error
+        for pt in p.curve
+        if pt.bits_per_entry <= budget
+    )
+
+
+def test_estimate_is_exact_when_the_sample_covers_every_column(tmp_path, slow_decay):
+    p = plan(_open(slow_decay), _opts(budget=1.0))
+    assert p.exact and p.sample_columns == 700
+    best = p.best(1.0)
+    c = best.config
+    res = compress(
+        slow_decay,
+        tmp_path / "o.zarr",
+        rank=c.rank,
+        bits_left=c.left.bits,
+        bits_right=c.right.bits,
+        block_shape=BLOCK,
+    )
+    # Same L̂ (up to the rounding of a K-column QR against the m-column one) and the same
+    # R̂ on every column: the estimate is the run's error (measured 1e-6 relative).
+    assert best.estimated_rel_error == pytest.approx(res.rel_fro_error, rel=2e-3)
+
+
+@pytest.mark.slow  # about a minute on 2 busy cores
+def test_coarse_to_fine_finds_the_exhaustive_best(slow_decay):
+    m = _open(slow_decay)
+    fine = plan(m, _opts(budget=1.5))
+    full = plan(m, _opts(budget=1.5), exhaustive=True)
+    assert len(full.curve) > len(fine.curve)  # the grid scores more
+    a, b = fine.best(1.5), full.best(1.5)
+    assert (a.config.rank, a.config.left.bits, a.config.right.bits) == (
+        b.config.rank,
+        b.config.left.bits,
+        b.config.right.bits,
+    )
+
+
+@pytest.mark.slow  # about a minute on 2 busy cores
+def test_max_error_is_met_and_ninety_percent_of_its_bits_is_not(tmp_path, slow_decay):
+    target = 0.05
+    res = compress(slow_decay, tmp_path / "e.zarr", max_error=target, block_shape=BLOCK)
+    assert res.rel_fro_error <= target
+    less = compress(
+        slow_decay, tmp_path / "l.zarr", budget=0.9 * res.bits_per_entry, block_shape=BLOCK
+    )
+    assert less.rel_fro_error > target
+
+
+@pytest.mark.slow
+def test_auto_is_never_worse_than_a_single_method_on_estimates(slow_decay):
+    m = _open(slow_decay)
+    auto = plan(m, _opts(method="auto", budget=2.0, max_passes=10))
+    best = auto.best(2.0).estimated_rel_error
+    assert {pt.method for pt in auto.curve} >= {"lplr", "dsvd", "lplr-svd", "nq", "nq+lplr"}
+    for method in ("lplr", "dsvd", "lplr-svd", "nq", "nq+lplr"):
+        try:
+            single = plan(m, _opts(method=method, budget=2.0)).best(2.0)
+        except ParameterError:  # does not fit the budget
+            continue
+        # The same search on the same sample; only the rounding of wider QRs differs.
+        assert best <= single.estimated_rel_error * (1 + 1e-6), method
+
+
+@pytest.mark.slow  # about a minute on 2 busy cores
+def test_max_passes_bounds_the_methods(slow_decay):
+    p = plan(_open(slow_decay), _opts(method="auto", budget=2.0, max_passes=3))
+    assert {pt.method for pt in p.curve} <= {"lplr", "nq", "nq+lplr"}
+    assert all(pt.passes <= 3 for pt in p.curve)
+    with pytest.raises(ParameterError, match="max_passes"):
+        plan(_open(slow_decay), _opts(method="dsvd", budget=2.0, max_passes=3))
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(max_error=0.0), "between 0 and 1"),
+        (dict(max_error=1.5), "between 0 and 1"),
+        (dict(max_error=0.1, budget=1.0), "either budget or max_error"),
+        (dict(max_error=0.1, rank=4), "either rank or max_error"),
+        (dict(max_passes=0, budget=1.0), "max_passes"),
+    ],
+)
+def test_bad_options(kw, match):
+    with pytest.raises(ParameterError, match=match):
+        CompressionOptions(**kw)
+
+
+def test_max_passes_one_runs_the_single_pass_mode(tmp_path, slow_decay):
+    res = compress(slow_decay, tmp_path / "o.zarr", budget=1.0, max_passes=1, block_shape=BLOCK)
+    assert res.passes == 1 and res.bits_per_entry <= 1.0 and res.budget == 1.0
+    assert res.plan["method"] == "lplr"
