@@ -45,6 +45,7 @@ import socket
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -148,7 +149,8 @@ def _store(x: da.Array, path: Path, stages: Stages, name: str) -> dict:
         compressors=None,
         overwrite=True,
     )
-    stages.compute(name, da.store(x, z, lock=False, compute=False))
+    # dask's annotations do not list zarr arrays among store targets
+    stages.compute(name, da.store(x, z, lock=False, compute=False))  # type: ignore[arg-type]
     return {"path": path.name, "chunks": [list(c) for c in x.chunks]}
 
 
@@ -272,7 +274,7 @@ class CompressionJob:
         )
         if options.budget is None and options.max_error is None:  # fail now, before a pass
             options.resolve(matrix.shape, block_shape=matrix.block_shape)
-        if options.passes == 1:
+        if options.passes == 1 and options.rank is not None:  # (a rank: checked by options)
             check_corange_size(options.corange_size, options.rank, matrix.shape[0])
         return cls(
             matrix,
@@ -326,6 +328,7 @@ class CompressionJob:
         except BaseException:
             self.close(failed=True)
             raise
+        assert self.result is not None  # set by the publish stage
         return self.result
 
     def open(self) -> list[str]:
@@ -344,7 +347,7 @@ class CompressionJob:
         if "plan" in self.records:
             cfg = CompressionConfig.from_dict(self.records["plan"].values["config"])
             if self.records["plan"].values.get("passes") == 1:
-                self._single_pass(cfg.rank)
+                self._single_pass(cfg.low_rank()[0])
             if cfg.block_shape is None:  # a plan record of an earlier version
                 cfg = replace(cfg, block_shape=tuple(self.matrix.block_shape))
             self._cfg = cfg
@@ -418,14 +421,20 @@ class CompressionJob:
         )
 
     def _stage_plan(self) -> dict:
-        search, extra, opts = [], {}, self.options
+        search: list = []
+        extra: dict = {}
+        opts = self.options
         if opts.budget is None and opts.max_error is None:
             cfg = opts.resolve(self.matrix.shape, block_shape=self.matrix.block_shape)
         else:
             from lplr_dask.core.planner import plan
 
             pl = plan(self.matrix, opts, stages=self.engine)
-            point = pl.best(opts.budget) if opts.budget is not None else pl.cheapest(opts.max_error)
+            if opts.budget is not None:
+                point = pl.best(opts.budget)
+            else:
+                assert opts.max_error is not None
+                point = pl.cheapest(opts.max_error)
             cfg, search = point.config, pl.table()
             extra = {
                 "plan": {
@@ -440,8 +449,9 @@ class CompressionJob:
                 },
                 "frontier": [p.to_dict() for p in pl.frontier()],
             }
-            if point.passes == 1 and opts.passes != 1:  # max_passes=1: the one-pass mode
-                self._single_pass(cfg.rank)
+            # max_passes=1 chose the one-pass mode of a low-rank method (nq reads A once anyway)
+            if point.passes == 1 and opts.passes != 1 and cfg.method in ("lplr", "paper"):
+                self._single_pass(cfg.low_rank()[0])
                 extra["passes"] = 1
             handed = pl.sketch_for(cfg) if self.options.passes != 1 else None
             if handed is not None:  # the sketch stage takes it: no second sketch pass
@@ -516,10 +526,11 @@ class CompressionJob:
         if handed is not None:  # the planner's sketch, cut to this rank: no pass over A
             return {"norm2": handed["norm2"], "Y": handed["Y"], "from_plan": True}
         cfg, stages = self.config, self.engine
+        rank, _, _ = cfg.low_rank()
         a = self._operand()
-        k = cfg.rank + cfg.n_oversamples
+        k = rank + cfg.n_oversamples
         if cfg.method in ("dsvd", "lplr-svd"):
-            k = min(cfg.rank + max(cfg.n_oversamples, 10), min(a.shape))
+            k = min(rank + max(cfg.n_oversamples, 10), min(a.shape))
         s = sketch_matrix(
             a.shape[1],
             k,
@@ -539,9 +550,11 @@ class CompressionJob:
 
     def _stage_basis(self) -> dict:
         cfg, stages, work = self.config, self.engine, self.work_dir
+        rank, left, _ = cfg.low_rank()
         a = self._operand()
         y = _load(work, self.records["sketch"].values["Y"])
-        coef, mode, given = None, "lstsq", None
+        coef: Any = None
+        mode, given = "lstsq", None
         if cfg.method == "paper":
             basis = y  # Algorithm 1: L = Q(A·S), no orthonormalization
         else:
@@ -551,26 +564,22 @@ class CompressionJob:
                 # One pass: B = QᵀA (k × d, kept on the workers), B·Bᵀ, top eigenvectors.
                 (b,) = stages.persist("truncate", left_multiply(a, q))
                 (bbt,) = stages.compute("truncate", gram(b.T))
-                u, w = top_eigenvectors(to_numpy(bbt), cfg.rank)
+                u, w = top_eigenvectors(to_numpy(bbt), rank)
                 if cfg.method == "dsvd":
                     coef, mode, given = u.T, "given", b  # R = Σ_k V_kᵀ = U_bᵀ B
                 elif cfg.method == "lplr-svd":
                     # Z = U_k Σ_k Ω with Ω a k × k Gaussian (entries N(0, 1/k)), as the paper.
                     sig = np.sqrt(np.maximum(w, 0.0))
                     mix = block_generator(cfg.seed, STREAM_LPLR_SVD_MIX).standard_normal(
-                        (cfg.rank, cfg.rank)
-                    ) / np.sqrt(cfg.rank)
+                        (rank, rank)
+                    ) / np.sqrt(rank)
                     u = u @ (sig[:, None] * mix)
                 basis = times(q, u)
         if cfg.method in ROTATED_METHODS:
-            basis = times(basis, basis_rotation(cfg.seed, cfg.rank))
+            basis = times(basis, basis_rotation(cfg.seed, rank))
         n = a.shape[0]
-        lwriter = create_factor(
-            self.out_tmp, "L", (n, cfg.rank), cfg.left, (a.chunksize[0], cfg.rank)
-        )
-        lhat, g = quantize_left(
-            basis, cfg.left, lwriter, seed=cfg.seed, dtype=a.dtype, stages=stages
-        )
+        lwriter = create_factor(self.out_tmp, "L", (n, rank), left, (a.chunksize[0], rank))
+        lhat, g = quantize_left(basis, left, lwriter, seed=cfg.seed, dtype=a.dtype, stages=stages)
         if mode == "lstsq":
             coef = gram_pinv(g)
         np.save(work / "gram.npy", g)
@@ -586,16 +595,17 @@ class CompressionJob:
         if self.options.passes == 1:
             return self._project_single_pass()
         cfg, work = self.config, self.work_dir
+        rank, _, right = cfg.low_rank()
         v = self.records["basis"].values
         a = self._operand()
         rwriter = create_factor(
-            self.out_tmp, "R", (cfg.rank, a.shape[1]), cfg.right, (cfg.rank, a.chunksize[1])
+            self.out_tmp, "R", (rank, a.shape[1]), right, (rank, a.chunksize[1])
         )
         rp, rgr = project_and_quantize(
             a,
             _load(work, v["Lhat"]),
             np.load(work / "gram.npy"),
-            cfg.right,
+            right,
             rwriter,
             seed=cfg.seed,
             stages=self.engine,
@@ -610,11 +620,12 @@ class CompressionJob:
     def _sketch_single_pass(self) -> dict:
         """Y = A·S, ‖A‖², W = Ψ·A and T = Γ·A in one pass over A (:mod:`.single_pass`)."""
         cfg, stages, work = self.config, self.engine, self.work_dir
+        rank, _, _ = cfg.low_rank()
         a = self._operand()
-        rows = corange_size(cfg.rank, a.shape[0], self.options.corange_size)
-        sk = single_pass_sketch(a, cfg.rank, seed=cfg.seed, corange_rows=rows)
+        rows = corange_size(rank, a.shape[0], self.options.corange_size)
+        sk = single_pass_sketch(a, rank, seed=cfg.seed, corange_rows=rows)
         ext, w, t = stages.persist("sketch", sk.ext, sk.w, sk.t)
-        y, norm2 = ext[:, : cfg.rank], float(ext[:, -1].sum().compute())
+        y, norm2 = ext[:, :rank], float(ext[:, -1].sum().compute())
         check_finite_input(norm2, a, self.matrix.path or "array", stages)
         return {
             "norm2": norm2,
@@ -636,15 +647,16 @@ class CompressionJob:
     def _project_single_pass(self) -> dict:
         """R = (Ψ·L̂)⁺·W per panel, quantized and written; no pass over A."""
         cfg, work = self.config, self.work_dir
+        rank, _, right = cfg.low_rank()
         v = self.records["sketch"].values
         d, panel = self.matrix.shape[1], self.matrix.data.chunksize[1]
-        rwriter = create_factor(self.out_tmp, "R", (cfg.rank, d), cfg.right, (cfg.rank, panel))
+        rwriter = create_factor(self.out_tmp, "R", (rank, d), right, (rank, panel))
         est_err2 = solve_and_quantize(
             _load(work, v["W"]),
             _load(work, v["T"]),
             np.load(work / "psi-lhat.npy"),
             np.load(work / "gamma-lhat.npy"),
-            cfg.right,
+            right,
             rwriter,
             seed=cfg.seed,
             stages=self.engine,
@@ -765,7 +777,7 @@ class CompressionJob:
                 substages[k] = round(substages.get(k, 0.0) + v, 4)
         return CompressionResult(
             output=str(self.output),
-            shape=tuple(int(v) for v in shape),
+            shape=(int(shape[0]), int(shape[1])),
             source_dtype=self.matrix.source_dtype,
             method=cfg.method,
             rank=cfg.rank,

@@ -572,6 +572,7 @@ class _Planner:
         if fam.method != "nq+lplr":
             return None
         spec = self.config(fam, 1, 8, 8).matrix
+        assert spec is not None  # nq+lplr always quantizes A
         if not spec.is_float and spec.granularity == "tensor":
             raise ParameterError(
                 "method='nq+lplr' with a budget needs group-wise scales for Q(A); set "
@@ -725,6 +726,7 @@ class _Planner:
         q = fam.n_power_iter
         sub = self.sample_of(op)
         orig = self.sub
+        assert orig is not None  # the sample is kept by the planning pass
         norms_key = ("norms", op)
         if norms_key not in self.scored:
             self.scored[norms_key] = da.stack(
@@ -732,7 +734,7 @@ class _Planner:
             )
         norms = self.scored[norms_key]
         dtype = self.a.dtype
-        lefts = {}  # (m, B) -> (X, spec, given)
+        lefts: dict = {}  # (m, B) -> (X, spec, given)
         for m, bl, br in cands:
             if (m, bl) in lefts:
                 continue
@@ -1056,7 +1058,7 @@ def _families(options: CompressionOptions, shape, nbytes, budgets) -> list[_Fami
         label = "lplr+power" if method == "lplr" and q else method
         one = max_passes == 1 and method in ("lplr", "paper") and not q
         if method == "nq+lplr":
-            bms = _matrix_bits(options, budgets)
+            bms = _matrix_bits(options, budgets, shape)
             fams = [_Family(label, method, q, bm, options.quantizer) for bm in bms]
         else:
             fams = [_Family(label, method, q, options.bits_matrix, options.quantizer, one)]
@@ -1076,7 +1078,7 @@ def _families(options: CompressionOptions, shape, nbytes, budgets) -> list[_Fami
         fams.append(_Family("lplr-svd", "lplr-svd", q, None, options.quantizer))
     fams.append(_Family("nq", "nq", 0, options.bits_matrix, options.quantizer))
     if options.quantizer != "lloyd":
-        for bm in _matrix_bits(options, budgets):
+        for bm in _matrix_bits(options, budgets, shape):
             fams.append(_Family("nq+lplr", "nq+lplr", 0, bm, options.quantizer))
     if max_passes is not None:
         fams = [
@@ -1087,13 +1089,38 @@ def _families(options: CompressionOptions, shape, nbytes, budgets) -> list[_Fami
     return fams
 
 
-def _matrix_bits(options, budgets):
+def _matrix_bits(options, budgets, shape):
+    """B_nq of the nq+lplr families: ⌊b⌋ − 1 and ⌊b⌋ for each budget b; when scales and padded
+    edge chunks leave no room for a rank-1 correction at those, the widest B_nq that does."""
     if options.bits_matrix is not None:
         return [options.bits_matrix]
+
+    def fits(bm, b):
+        opts = replace(
+            options,
+            method="nq+lplr",
+            budget=None,
+            max_error=None,
+            rank=1,
+            bits_left=1,
+            bits_right=1,
+            bits_matrix=bm,
+            passes=2,
+            corange_size=None,
+        )
+        try:
+            return opts.resolve(shape).bits_per_entry(shape) <= b
+        except ParameterError:
+            return False
+
     out = set()
     for b in budgets:
         top = int(min(8, np.floor(b)))
-        out |= {max(1, top - 1), max(1, top)}
+        pair = {max(1, top - 1), max(1, top)}
+        if not any(fits(bm, b) for bm in pair):
+            pair = {bm for bm in range(top - 1, 0, -1) if fits(bm, b)}
+            pair = {max(pair)} if pair else {max(1, top)}
+        out |= pair
     return sorted(out)
 
 
@@ -1159,7 +1186,7 @@ def plan(
     """
     t0 = time.perf_counter()
     stages = stages or Stages()
-    shape = tuple(int(v) for v in matrix.shape)
+    shape = (int(matrix.shape[0]), int(matrix.shape[1]))
     if budgets is None:
         budgets = (options.budget,) if options.budget is not None else ()
     budgets = tuple(float(b) for b in budgets)
