@@ -307,6 +307,30 @@ def _histogram_of(block, spec, hi, row_step=1):
     return to_numpy(entry_histogram(block, asarray_like(hi, block), spec=spec))
 
 
+def shared_state(
+    x: da.Array,
+    spec: QuantizerSpec,
+    writer,
+    stages: Stages,
+    name: str,
+    *,
+    spans: bool,
+    sample_seed: int | None = None,
+):
+    """What the blocks of a factor share, reduced over ``x`` and written once by ``writer``:
+    the ranges of groups that span blocks (when ``spans``; stage ``NAME-ranges``) and the
+    ``lloyd`` codebook (stage ``NAME-codebook``). Returns ``(lo, hi, codebook)``, None where
+    the quantizer has none."""
+    lo = hi = None
+    if spans and not spec.is_float:
+        lo, hi = global_ranges(x, spec, stages, f"{name}-ranges")
+        writer.write_ranges(lo, hi)
+    codebook = fit_codebook(x, spec, stages, f"{name}-codebook", hi, sample_seed=sample_seed)
+    if codebook is not None:
+        writer.write_codebook(codebook)
+    return lo, hi, codebook
+
+
 def fit_codebook(
     x: da.Array,
     spec: QuantizerSpec,
@@ -398,13 +422,8 @@ def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype,
 
     Column/tensor ranges are reduced first (one small pass over x, not over A).
     """
-    lo = hi = None
-    if not spec.is_float and spec.granularity in ("tensor", "column"):
-        lo, hi = global_ranges(x, spec, stages, "basis-ranges")
-        writer.write_ranges(lo, hi)
-    codebook = fit_codebook(x, spec, stages, "basis-codebook", hi)
-    if codebook is not None:
-        writer.write_codebook(codebook)
+    spans = spec.granularity in ("tensor", "column")
+    lo, hi, codebook = shared_state(x, spec, writer, stages, "basis", spans=spans)
     lhat = da.map_blocks(
         quantize_rows_block,
         x,
@@ -480,12 +499,7 @@ def project_and_quantize(
         r_float = da.map_blocks(_panel_values, p, extra, dtype=np.float64, **kw)
         p, r_float = stages.persist("project", p, r_float)
         extra = given if given is not None else p
-        if spans:
-            lo, hi = global_ranges(r_float, spec, stages, "right-ranges")
-            writer.write_ranges(lo, hi)
-        codebook = fit_codebook(r_float, spec, stages, "right-codebook", hi)
-        if codebook is not None:
-            writer.write_codebook(codebook)
+        lo, hi, codebook = shared_state(r_float, spec, writer, stages, "right", spans=spans)
     stats = da.map_blocks(
         _panel_finish,
         p,

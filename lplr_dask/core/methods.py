@@ -10,8 +10,7 @@ from lplr_dask.core.engine import (
     Stages,
     decode,
     encode,
-    fit_codebook,
-    global_ranges,
+    shared_state,
     tile_sumsq,
 )
 from lplr_dask.errors import NonFiniteInputError
@@ -138,15 +137,13 @@ def quantize_matrix(a, spec, root, stages, seed, source):
     A ``lloyd`` quantizer fits its codebook first, to a seeded sample of 1/16 of A's entries
     (whole blocks, or rows of them); it is written with Q, and only ``nq`` (no residual) takes
     it."""
-    lo = hi = None
     writer = create_factor(root, "Q", a.shape, spec, a.chunksize)
-    if not spec.is_float and spec.granularity == "tensor":
-        lo, hi = global_ranges(a, spec, stages, "matrix-ranges")
+    spans = spec.granularity == "tensor"
+    lo, hi, codebook = shared_state(
+        a, spec, writer, stages, "matrix", spans=spans, sample_seed=seed
+    )
+    if lo is not None:  # the whole-matrix range: NaN/Inf anywhere make it non-finite
         check_finite_input(float(hi.sum() - lo.sum()), a, source, stages)
-        writer.write_ranges(lo, hi)
-    codebook = fit_codebook(a, spec, stages, "matrix-codebook", hi, sample_seed=seed)
-    if codebook is not None:
-        writer.write_codebook(codebook)
     kw = dict(spec=spec, lo=lo, hi=hi, seed=seed, codebook=codebook)
     chunks = ((1,) * a.numblocks[0], (2,) * a.numblocks[1])
     stats = a.map_blocks(_nq_write_stats, writer=writer, chunks=chunks, dtype=np.float64, **kw)

@@ -49,9 +49,8 @@ from lplr_dask.core.engine import (
     Stages,
     decode,
     encode,
-    fit_codebook,
-    global_ranges,
     left_multiply,
+    shared_state,
     sketch_matrix,
 )
 from lplr_dask.errors import ParameterError
@@ -385,12 +384,7 @@ def solve_and_quantize(
             _panel_values, w, coef=coef, chunks=((coef.shape[0],), w.chunks[1]), dtype=np.float64
         )
         (r_float,) = stages.persist("solve", r_float)
-        if spans:
-            lo, hi = global_ranges(r_float, spec, stages, "right-ranges")
-            writer.write_ranges(lo, hi)
-        codebook = fit_codebook(r_float, spec, stages, "right-codebook", hi)
-        if codebook is not None:
-            writer.write_codebook(codebook)
+        lo, hi, codebook = shared_state(r_float, spec, writer, stages, "right", spans=spans)
     stats = da.map_blocks(
         _panel_finish,
         w,
