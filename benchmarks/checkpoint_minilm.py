@@ -191,19 +191,17 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         if args.cluster == "local":
-            from distributed import Client, LocalCluster
+            from lplr_dask.cluster import dask_client
 
-            lc = stack.enter_context(
-                LocalCluster(
+            stack.enter_context(
+                dask_client(
+                    "local",
                     n_workers=args.workers,
                     threads_per_worker=1,
-                    processes=True,
                     memory_limit=args.memory_limit,
                     dashboard_address=None,
-                    host="127.0.0.1",
                 )
             )
-            stack.enter_context(Client(lc))
         budgets = sorted(args.budgets)
         rows, results, speed, allocs = {}, {}, {}, {}
         for method in args.methods:

@@ -245,9 +245,8 @@ def main(argv=None) -> int:
     p.add_argument("--no-restore", action="store_true", help="skip the restore round trip")
     args = p.parse_args(argv)
 
-    from distributed import Client, LocalCluster
-
     from lplr_dask.checkpoint import compress_checkpoint, restore_checkpoint
+    from lplr_dask.cluster import dask_client
     from lplr_dask.core.params import DEFAULT_QUANTIZERS
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lplr-llm-"))
@@ -272,17 +271,15 @@ def main(argv=None) -> int:
             figures["generate_seconds"] = time.perf_counter() - t0
             print(f"generated {params:,} parameters in {figures['generate_seconds']:.0f} s",
                   file=sys.stderr)  # fmt: skip
-        lc = stack.enter_context(
-            LocalCluster(
+        client = stack.enter_context(
+            dask_client(
+                "local",
                 n_workers=args.workers,
                 threads_per_worker=1,
-                processes=True,
                 memory_limit=args.memory_limit,
                 dashboard_address=None,
-                host="127.0.0.1",
             )
         )
-        client = stack.enter_context(Client(lc))
         t_start = time.perf_counter()
         events = []
 
