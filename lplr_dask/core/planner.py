@@ -24,18 +24,24 @@ a small K × m matrix built *on the workers* from the seed (the rank-m rotation 
 the eigenvectors of the leading block of B·Bᵀ for ``dsvd``/``lplr-svd``), so no data is
 embedded in a task graph and the driver only receives errors.
 
-**Coarse to fine.** For a budget b and a method, each pair of bit widths (B, B′) has one
-candidate, its largest rank m(B, B′) within b. The error is smooth in (B, B′) along that
-frontier, so the search starts at the widest pair and the diagonal and moves to the best
-neighbour until none improves (a local search on the 8 × 8 grid, usually 10–20 of the 64
-pairs). Pairs whose rank exceeds the sketch are checked against an optimistic estimate
-first: the error² of the widest pair is convex and decreasing in rank, so its chord through
-two ranks, extended, is below it at larger ranks; fewer bits add what they cost at a small
-probe rank, counted at half (a model, not a proof: the coarse-to-fine test compares with the
-full grid). A pair whose estimate is above the best error found is pruned; only otherwise is
-the sketch extended by the missing columns (one more pass, prefix property).
-``--max-error E`` doubles the budget until an estimate meets E, then bisects the budget (the
-error is monotone in it).
+**Screen, then score.** For a budget b and a method, each pair of bit widths (B, B′) has one
+candidate, its largest rank m(B, B′) within b (up to 64 pairs). Scoring one exactly costs a
+quantized n × m left factor, its Gram matrix and L̂ᵀ·A_sample (O(n·m·(m + s)) flops); a model
+of the error costs a few flops. The screen measures, once per sketch, the captured energy
+head(m) = ‖Q_mᵀ·A_sample‖² of every rank (one K × n × s product: the prefix property again) and,
+once per method, the relative error ρ of every left and right quantizer of the grid on a
+sample of the rotated basis's rows and of R; its estimate is
+error² ≈ tail(m) + (ρ_L/(1 + ρ_L)·(1 − m/n) + ρ_R)·head(m) (:func:`_modelled`; within 1 % of
+the exact scores on the benchmarks' matrices). Pairs are then scored exactly in the order of
+the estimate, one at a time, until no unscored pair's estimate, scaled by the smallest
+exact/estimate ratio seen, is below the best exact error: usually one or two exact scores
+instead of a grid. The choice is always an exactly scored point. Pairs whose rank exceeds the
+sketch are estimated with the tail's chord over its last K/8 ranks, extended (below a convex
+tail: optimistic); those whose scaled estimate is above the best error found are pruned, and
+only otherwise is the sketch extended by the missing columns (one more pass, prefix
+property). ``--max-error E`` doubles the budget until an estimate meets E, then bisects the
+budget (the error is monotone in it). ``exhaustive=True`` scores every pair (the test of the
+screen compares the two).
 
 **Memory guard.** The sketch is n × K float64 on the workers (per operand): K is at most
 ``min(n, d) − 1`` and at most :data:`PLAN_SKETCH_BYTES` / (8 n). Ranks above the guard are
@@ -115,8 +121,13 @@ IN_MEMORY_BYTES = 4 << 30
 page cache, a pass costs its GEMM) and bounds them to 3 above it (every pass a cold read)."""
 
 BIT_CHOICES = tuple(range(1, 9))
-PROBE_RANK = 64
-"""The rank at which the planner measures what fewer bits cost, to prune wide sketches."""
+SCREEN_ROWS = 1024
+"""Rows of the basis (whole scale groups, seeded) on which the screen measures what each left
+quantizer costs."""
+SCREEN_COLS = 512
+"""Sampled columns on which the screen measures what each right quantizer costs."""
+SCREEN_ROUND = 1
+"""Candidates scored exactly per round of the screened search."""
 
 FAMILIES = ("lplr", "lplr+power", "dsvd", "lplr-svd", "nq", "nq+lplr")
 """What ``method="auto"`` considers (``paper`` only when asked for by name)."""
@@ -198,7 +209,8 @@ class Plan:
     capped : bool
         True when the memory guard capped a rank (see :data:`PLAN_SKETCH_BYTES`).
     pruned : list of dict
-        Pairs ruled out by the rank bound without being scored (method, bits, rank, bound).
+        Pairs beyond the sketch ruled out by the screen without being scored (method, bits,
+        rank, the scaled estimate as ``bound``).
     passes : int
         Passes over A the planner made.
     seconds : float
@@ -486,13 +498,76 @@ def _nq_score(sub, spec, seed):
     return float(np.sqrt(num / den)) if den > 0 else 0.0
 
 
-def _sample_columns(d: int, *, group: int, sample_cols: int, seed: int) -> np.ndarray:
+def _rel_mse(x, spec):
+    """‖x − Q(x)‖² / ‖x‖² of one block quantized on its own ranges (and codebook)."""
+    lo, hi = (None, None) if spec.is_float else block_range(x, spec=spec)
+    book = local_codebook(x, spec, hi)
+    xhat = decode(encode(x, spec, lo, hi, codebook=book), spec, lo, hi, np.float64, book)
+    den = float(np.sum(x * x))
+    return float(np.sum((x - xhat) ** 2)) / den if den > 0 else 0.0
+
+
+def _screen_head(c, norms, *, span, svd, rows):
+    """The captured energy ``head[m − 1]`` on the sample of every rank m ≤ ``span`` (the
+    prefix of Q_K for ``lplr``, the leading eigenvalues of C·Cᵀ for the SVD methods), with
+    ‖operand sample‖², ‖A_sample‖² and n = ``rows``; ``c`` = Q_Kᵀ·A_sample (K × s), of which
+    the first ``span`` rows are used (the prefix property)."""
+    c = to_numpy(c)[:span].astype(np.float64)
+    sub2, orig2 = (float(v) for v in to_numpy(norms))
+    if svd:
+        energy = np.clip(np.linalg.eigvalsh(c @ c.T)[::-1], 0.0, None)
+    else:
+        energy = np.einsum("ij,ij->i", c, c)
+    return {"head": np.cumsum(energy), "sub2": sub2, "orig2": orig2, "rows": rows}
+
+
+def _screen_errors(x, *, m, seed, specs, side):
+    """The relative squared error of every quantizer of ``specs`` on the rank-m rotated L's
+    sampled rows (``side="left"``, ``x`` a row sample of Q_K) or on R = Hᵀ·C_m (``"right"``,
+    ``x`` = C, up to :data:`SCREEN_COLS` sampled columns)."""
+    h = basis_rotation(seed, m)
+    if side == "left":
+        y = to_numpy(x)[:, :m].astype(np.float64) @ h
+    else:
+        y = h.T @ to_numpy(x)[:m, :SCREEN_COLS].astype(np.float64)
+    return {spec: _rel_mse(y, spec) for spec in specs}
+
+
+def _modelled(scr, m, left, right, *, given_right: bool) -> float:
+    """The screen's estimate of one candidate's relative error (a model, calibrated against
+    the exact scores by the search).
+
+    error² ≈ tail(m) + (ρ_L/(1 + ρ_L)·(1 − m/n) + ρ_R)·head(m): quantizing L with relative
+    error ρ_L tilts each of its directions by tan²θ ≈ ρ_L, losing sin²θ of the captured
+    energy, of which the refitted R wins back about the share m/n that the noise's n
+    dimensions put in its span (measured: the factor is 0.78–0.88 at m/n = 0.2–0.25; all of
+    ρ_L when R is not refitted, ``dsvd``); R's own quantization adds ρ_R of it. Beyond the
+    sketch (m > K) the tail follows its chord over its last K/8 ranks, extended: below the
+    tail where it is convex, so an optimistic estimate."""
+    head, sub2 = scr["head"], scr["sub2"]
+    k = len(head)
+    if m <= k:
+        cap, tail = head[m - 1], sub2 - head[m - 1]
+    else:
+        k0 = max(1, k - max(8, k // 8))
+        t0, t1 = sub2 - head[k0 - 1], sub2 - head[k - 1]
+        slope = min(0.0, (t1 - t0) / max(k - k0, 1))
+        cap, tail = head[k - 1], t1 + slope * (m - k)
+    rl = scr["left"][left]
+    lost = rl if given_right else rl / (1 + rl) * max(0.0, 1 - m / scr["rows"])
+    err2 = max(tail, 0.0) + (lost + scr["right"][right]) * cap
+    return float(np.sqrt(max(err2, 0.0) / scr["orig2"])) if scr["orig2"] > 0 else 0.0
+
+
+def _sample_columns(
+    d: int, *, group: int, sample_cols: int, seed: int, key: int = 99
+) -> np.ndarray:
     """Sorted column indices of whole groups, chosen by a seeded generator (all if d small)."""
     if d <= sample_cols:
         return np.arange(d)
     n_groups = -(-d // group)
     take = max(1, sample_cols // group)
-    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(99,)))
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key,)))
     chosen = np.sort(rng.choice(n_groups, size=min(take, n_groups), replace=False))
     return np.concatenate([np.arange(g * group, min((g + 1) * group, d)) for g in chosen])
 
@@ -717,6 +792,81 @@ class _Planner:
 
     # -------------------------------------------------------------- scoring
 
+    def norms(self, op):
+        """(‖operand sample‖², ‖A_sample‖²) on the workers."""
+        key = ("norms", op)
+        if key not in self.scored:
+            sub, orig = self.sample_of(op), self.sub
+            assert orig is not None  # the sample is kept by the planning pass
+            (self.scored[key],) = self.stages.persist(
+                "plan-sample",
+                da.stack(
+                    [(sub.astype(np.float64) ** 2).sum(), (orig.astype(np.float64) ** 2).sum()]
+                ),
+            )
+        return self.scored[key]
+
+    def screen(self, fam: _Family, span: int) -> dict:
+        """The screen's measurements for ``fam`` on the current sketch: one product
+        Q_Kᵀ·A_sample on the workers (:func:`_screen_head`), and once per family the errors of
+        every left and right quantizer of its grid on a sample (:func:`_screen_errors`); a
+        few floats come back."""
+        op, q, svd = self.operand(fam), fam.n_power_iter, fam.method in ("dsvd", "lplr-svd")
+        span = min(span, self.k)
+        key, quant = (op, q, "screen", svd, span), ("quantizer-errors", fam)
+        if key in self.bases and quant in self.scored:
+            return {**self.bases[key], **self.scored[quant]}
+        parts = (op, q, "screen-parts")
+        if parts not in self.bases:
+            qb = self.basis(op, q)
+            rows = _sample_columns(
+                self.shape[0],
+                group=self.options.group_size or 128,
+                sample_cols=SCREEN_ROWS,
+                seed=self.options.seed,
+                key=98,
+            )
+            self.bases[parts] = self.stages.persist(
+                "plan-screen", left_multiply(self.sample_of(op), qb), qb[rows]
+            )
+        c, rows = self.bases[parts]
+        tasks = {}
+        if key not in self.bases:
+            tasks[key] = dask.delayed(_screen_head)(
+                c, self.norms(op), span=span, svd=svd, rows=self.shape[0]
+            )
+        if quant not in self.scored:
+            lefts, rights = set(), set()
+            for bl, br in self.pairs(fam):
+                try:
+                    cfg = self.config(fam, 1, bl, br)
+                except ParameterError:  # e.g. quantizer "sign" with more than 1 bit
+                    continue
+                lefts.add(cfg.left)
+                rights.add(cfg.right)
+            m = max(1, span - self.extra_cols(fam))  # these errors barely move with m
+            for side, x, specs in (("left", rows, lefts), ("right", c, rights)):
+                tasks[side] = dask.delayed(_screen_errors)(
+                    x, m=m, seed=self.options.seed, specs=specs, side=side
+                )
+        done = dict(zip(tasks, self.stages.compute("plan-screen", *tasks.values()), strict=True))
+        if key in done:
+            self.bases[key] = done[key]
+        if quant not in self.scored:
+            self.scored[quant] = {"left": done["left"], "right": done["right"]}
+        return {**self.bases[key], **self.scored[quant]}
+
+    def modelled(self, fam: _Family, cands, span: int) -> dict:
+        """The screen's estimate of each candidate (m, B, B′), ranks beyond the sketch
+        included (optimistic there), from the first ``span`` columns of the sketch (the
+        family's own: the same estimates alone or in ``auto``)."""
+        cfgs = {c: self.config(fam, *c) for c in cands}
+        scr = self.screen(fam, span)
+        return {
+            c: _modelled(scr, c[0], g.left, g.right, given_right=fam.method == "dsvd")
+            for c, g in cfgs.items()
+        }
+
     def score(self, fam: _Family, cands) -> None:
         """Score candidates [(m, B, B′)] of one family (all ranks ≤ the sketch)."""
         cands = [c for c in cands if (fam, *c) not in self.scored]
@@ -725,14 +875,7 @@ class _Planner:
         op = self.operand(fam)
         q = fam.n_power_iter
         sub = self.sample_of(op)
-        orig = self.sub
-        assert orig is not None  # the sample is kept by the planning pass
-        norms_key = ("norms", op)
-        if norms_key not in self.scored:
-            self.scored[norms_key] = da.stack(
-                [(sub.astype(np.float64) ** 2).sum(), (orig.astype(np.float64) ** 2).sum()]
-            )
-        norms = self.scored[norms_key]
+        norms = self.norms(op)
         dtype = self.a.dtype
         lefts: dict = {}  # (m, B) -> (X, spec, given)
         for m, bl, br in cands:
@@ -853,8 +996,15 @@ class _Planner:
         rights = (o.bits_right,) if o.bits_right is not None else BIT_CHOICES
         return lefts, rights
 
+    def pairs(self, fam: _Family) -> list:
+        """The (B, B′) pairs of ``fam``'s search."""
+        if fam.method == "paper":
+            return [(self.options.bits_left or 8, self.options.bits_right or 8)]
+        lefts, rights = self.grid()
+        return [(bl, br) for bl in lefts for br in rights]
+
     def search_budget(self, fam: _Family, b: float, exhaustive: bool = False) -> Point | None:
-        """The best candidate of ``fam`` within ``b`` (coarse to fine over (B, B′); every
+        """The best candidate of ``fam`` within ``b`` (screened over (B, B′); every
         pair with ``exhaustive``)."""
         if fam.method == "nq":
             bits = (fam.bits_matrix,) if fam.bits_matrix else (16, *BIT_CHOICES[::-1])
@@ -863,23 +1013,16 @@ class _Planner:
                 return None
             self.score_nq(fam, fits[:1])  # the widest that fits: Q's error falls with bits
             return self.scored[(fam, fits[0])]
-        lefts, rights = self.grid()
-        if fam.method == "paper":
-            lefts = (self.options.bits_left or 8,)
-            rights = (self.options.bits_right or 8,)
         pairs = {}
-        for bl in lefts:
-            for br in rights:
-                try:
-                    m = self.rank_for(fam, b, bl, br)
-                except ParameterError:  # e.g. quantizer "sign" with more than 1 bit
-                    continue
-                if m >= 1:
-                    pairs[(bl, br)] = m
+        for bl, br in self.pairs(fam):
+            try:
+                m = self.rank_for(fam, b, bl, br)
+            except ParameterError:  # e.g. quantizer "sign" with more than 1 bit
+                continue
+            if m >= 1:
+                pairs[(bl, br)] = m
         if not pairs:
             return None
-        top = (max(p[0] for p in pairs), max(p[1] for p in pairs))
-        top = top if top in pairs else max(pairs, key=lambda p: (p[0] + p[1], p))
         op = self.operand(fam)
         extra = self.extra_cols(fam)
         # The family's own span (not the shared sketch's width, which other families of auto
@@ -896,19 +1039,18 @@ class _Planner:
             return [p for p in pairs if pairs[p] + extra <= span or span >= self.k_limit]
 
         inside = covered()
-        start = [top] + [p for p in inside if p[0] == p[1] and p[0] >= top[0] - 1]
-        if exhaustive:
-            start = inside
-        self.score(fam, [cand(p) for p in dict.fromkeys(start)])
-        best = self._local_search(fam, inside, cand)
-        # Pairs beyond the span: pruned by the rank bound, or the sketch is extended.
+        best = self._screened(fam, inside, cand, span, exhaustive)
+        # Pairs beyond the span: pruned by the screen's optimistic estimate at their own
+        # rank, or the sketch is extended and they join the search.
         beyond = [p for p in pairs if p not in inside]
         if beyond:
-            bound = self._rank_bound(fam, top, pairs[top], span - extra, pairs)
+            found = self.scored[(fam, *cand(best))].estimated_rel_error
+            est = self.modelled(fam, [(pairs[p], *p) for p in beyond], span)
+            ratio = self._calibration(fam, inside, cand, span)
             live = []
             for p in beyond:
-                lb = bound(pairs[p], p)
-                if lb >= self.scored[(fam, *cand(best))].estimated_rel_error and not exhaustive:
+                lb = est[(pairs[p], *p)] * ratio
+                if lb >= found and not exhaustive:
                     self.pruned.append(
                         {
                             "method": fam.label,
@@ -927,8 +1069,7 @@ class _Planner:
                 self.capped |= span < want
                 self.ensure(span, [op])
                 inside = covered()
-                self.score(fam, [cand(p) for p in (inside if exhaustive else live)])
-                best = self._local_search(fam, inside, cand)
+                best = self._screened(fam, inside, cand, span, exhaustive)
         return self.scored[(fam, *cand(best))]
 
     def extra_cols(self, fam) -> int:
@@ -941,74 +1082,52 @@ class _Planner:
         """The sketch columns that the pairs within 2 bits of the widest need at budget b."""
         if fam.method == "nq":
             return 1
-        lefts, rights = self.grid()
-        if fam.method == "paper":
-            lefts = (self.options.bits_left or 8,)
-            rights = (self.options.bits_right or 8,)
-        top_l, top_r = max(lefts), max(rights)
+        pairs = self.pairs(fam)
+        top_l, top_r = max(p[0] for p in pairs), max(p[1] for p in pairs)
         ranks = []
-        for bl in lefts:
-            for br in rights:
-                if bl >= top_l - 2 and br >= top_r - 2:
-                    try:
-                        ranks.append(self.rank_for(fam, b, bl, br))
-                    except ParameterError:
-                        continue
+        for bl, br in pairs:
+            if bl >= top_l - 2 and br >= top_r - 2:
+                try:
+                    ranks.append(self.rank_for(fam, b, bl, br))
+                except ParameterError:
+                    continue
         return max(ranks, default=0) + self.extra_cols(fam)
 
-    def _local_search(self, fam, covered, cand):
-        done = [p for p in covered if (fam, *cand(p)) in self.scored]
-        best = min(done, key=lambda p: self.scored[(fam, *cand(p))].estimated_rel_error)
-        while True:
-            steps = ((1, 0), (-1, 0), (0, 1), (0, -1), (1, 1), (-1, -1), (1, -1), (-1, 1))
-            nbrs = [
-                p
-                for p in covered
-                if (p[0] - best[0], p[1] - best[1]) in steps and (fam, *cand(p)) not in self.scored
-            ]
-            if not nbrs:
-                return best
-            self.score(fam, [cand(p) for p in nbrs])
-            new = min([best, *nbrs], key=lambda p: self.scored[(fam, *cand(p))].estimated_rel_error)
-            if new == best:
-                return best
-            best = new
+    def _err(self, fam, c) -> float:
+        return self.scored[(fam, *c)].estimated_rel_error
 
-    def _rank_bound(self, fam, top, m_top, k, pairs):
-        """An optimistic estimate of the error of a pair (B, B′) at a rank m beyond k.
+    def _calibration(self, fam, pairs, cand, span) -> float:
+        """min over the scored pairs of exact / modelled: the screen made optimistic."""
+        done = [cand(p) for p in pairs if (fam, *cand(p)) in self.scored]
+        est = self.modelled(fam, done, span)
+        ratios = [self._err(fam, c) / est[c] for c in done if est[c] > 0]
+        return min(ratios, default=1.0)
 
-        Three parts, each measured on the sample: the error² of the widest pair is convex and
-        decreasing in rank, so its chord through its errors at two ranks ≤ k, extended, is
-        below it for every larger rank; fewer bits add the increase they cause at the widest pair's
-        rank min(m_top, :data:`PROBE_RANK`), (B, B′_top) and (B_top, B′) (the probes: a
-        smaller rank, fewer bits, so within the budget and points of the curve), counted at
-        half (the increase grows with the captured energy, which is smaller at the probe's
-        rank). A pair whose estimate is above the best error
-        found is pruned; the coarse-to-fine test compares the result with the full grid.
-        """
-        m1 = min(m_top, k)
-        mp = min(m1, PROBE_RANK)  # a small rank: a cheap probe, and a smaller increase
-        # The chord of a convex function through (m0, m1), extended beyond m1, stays below it.
-        m0 = mp if mp < m1 else max(1, m1 // 2)
-        lefts = sorted({p[0] for p in pairs if pairs[p] > k})
-        rights = sorted({p[1] for p in pairs if pairs[p] > k})
-        probes = [(m0, *top), (m1, *top), (mp, *top)]
-        probes += [(mp, bl, top[1]) for bl in lefts] + [(mp, top[0], br) for br in rights]
-        self.score(fam, probes)
-
-        def e2(c):
-            return self.scored[(fam, *c)].estimated_rel_error ** 2
-
-        e0, e1, ep = e2((m0, *top)), e2((m1, *top)), e2((mp, *top))
-        slope = min(0.0, (e1 - e0) / max(m1 - m0, 1))
-        d_left = {bl: max(0.0, e2((mp, bl, top[1])) - ep) for bl in lefts}
-        d_right = {br: max(0.0, e2((mp, top[0], br)) - ep) for br in rights}
-
-        def bound(m, pair):
-            tangent = max(0.0, e1 + slope * (m - m1))
-            return float(np.sqrt(tangent + 0.5 * (d_left[pair[0]] + d_right[pair[1]])))
-
-        return bound
+    def _screened(self, fam, pairs, cand, span, exhaustive):
+        """The best of ``pairs`` (all within the sketch): score them in the order of the
+        screen's estimate, :data:`SCREEN_ROUND` at a time, until no unscored pair's
+        calibrated estimate is below the best exact error (every pair with ``exhaustive``)."""
+        if exhaustive:
+            self.score(fam, [cand(p) for p in pairs])
+        else:
+            est = self.modelled(fam, [cand(p) for p in pairs], span)
+            order = sorted(pairs, key=lambda p: (est[cand(p)], p))
+            self.score(fam, [cand(p) for p in order[:SCREEN_ROUND]])
+            while True:
+                done = [p for p in order if (fam, *cand(p)) in self.scored]
+                found = min(self._err(fam, cand(p)) for p in done)
+                ratio = min(
+                    (self._err(fam, cand(p)) / est[cand(p)] for p in done if est[cand(p)] > 0),
+                    default=1.0,
+                )
+                nxt = [p for p in order if p not in done and est[cand(p)] * ratio < found]
+                if not nxt:
+                    break
+                self.score(fam, [cand(p) for p in nxt[:SCREEN_ROUND]])
+        return min(
+            (p for p in pairs if (fam, *cand(p)) in self.scored),
+            key=lambda p: (self._err(fam, cand(p)), p),
+        )
 
     def search_error(self, fam: _Family, max_error: float, b0: float) -> Point | None:
         """The fewest bits of ``fam`` with an estimate ≤ max_error: double the budget from b0
@@ -1154,7 +1273,7 @@ def plan(
         Score the best candidate of every method at each of these budgets (the checkpoint
         policy asks for a curve this way); default ``(options.budget,)``.
     exhaustive : bool, default False
-        Score every pair of bit widths instead of the coarse-to-fine search (a check of the
+        Score every pair of bit widths instead of the screened search (a check of the
         search; costs about four times more scoring).
 
     Returns
@@ -1173,7 +1292,7 @@ def plan(
     Passes over A: one (sketch of the largest rank needed, ‖A‖² and the column sample), plus
     2 per power iteration and one truncation for ``dsvd``/``lplr-svd`` and ``lplr+power``
     (``auto`` when ``max_passes`` allows them), plus one per sketch extension (only when the
-    rank bound cannot rule out a wider sketch; ``max_error`` extends as it doubles the
+    screen cannot rule out a wider sketch; ``max_error`` extends as it doubles the
     budget). Memory on the workers: the n × K float64 sketch per operand, its basis, and the
     n × s sample (K ≤ :data:`PLAN_SKETCH_BYTES` / 8n); the driver holds scalars.
 
