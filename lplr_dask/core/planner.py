@@ -830,7 +830,7 @@ class _Planner:
                 "plan-screen", left_multiply(self.sample_of(op), qb), qb[rows]
             )
         c, rows = self.bases[parts]
-        tasks = {}
+        tasks: dict = {}
         if key not in self.bases:
             tasks[key] = dask.delayed(_screen_head)(
                 c, self.norms(op), span=span, svd=svd, rows=self.shape[0]
