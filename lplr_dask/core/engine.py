@@ -22,7 +22,7 @@ from dask.array.utils import meta_from_array
 from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 from distributed.diagnostics.plugin import WorkerPlugin
-from threadpoolctl import threadpool_limits
+from threadpoolctl import ThreadpoolController, threadpool_limits
 
 from lplr_dask.kernels.codebooks import fit_lloyd
 from lplr_dask.kernels.packing import decode_float, encode_float
@@ -93,6 +93,15 @@ def _client():
     return client
 
 
+_BLAS: list = []  # one ThreadpoolController per process (finding the libraries costs ~1 ms)
+
+
+def _one_blas_thread():
+    if not _BLAS:
+        _BLAS.append(ThreadpoolController())
+    return _BLAS[0].limit(limits=1, user_api="blas")
+
+
 @dataclass
 class Stages:
     """Runs stages on the active scheduler and records their wall-clock seconds.
@@ -110,7 +119,7 @@ class Stages:
         t0 = time.perf_counter()
         client = _client()
         if client is None:
-            with threadpool_limits(limits=1, user_api="blas"):
+            with _one_blas_thread():
                 out = dask.persist(*collections)
         else:
             from distributed import futures_of, wait

@@ -67,11 +67,11 @@ from lplr_dask.core.engine import (
 )
 from lplr_dask.core.methods import (
     ROTATED_METHODS,
-    basis_rotation,
     check_finite_input,
     nq_residual,
     orthonormalize,
     quantize_matrix,
+    rotation_array,
     times,
 )
 from lplr_dask.core.params import CompressionConfig, CompressionOptions, CompressionResult
@@ -576,7 +576,7 @@ class CompressionJob:
                     u = u @ (sig[:, None] * mix)
                 basis = times(q, u)
         if cfg.method in ROTATED_METHODS:
-            basis = times(basis, basis_rotation(cfg.seed, rank))
+            basis = times(basis, rotation_array(cfg.seed, rank))
         n = a.shape[0]
         lwriter = create_factor(self.out_tmp, "L", (n, rank), left, (a.chunksize[0], rank))
         lhat, g = quantize_left(basis, left, lwriter, seed=cfg.seed, dtype=a.dtype, stages=stages)

@@ -3,6 +3,7 @@ quantization steps that the stages of :mod:`lplr_dask.core.job` and the budget s
 
 from __future__ import annotations
 
+import dask
 import dask.array as da
 import numpy as np
 
@@ -26,6 +27,7 @@ __all__ = [
     "nq_residual",
     "orthonormalize",
     "quantize_matrix",
+    "rotation_array",
     "times",
 ]
 
@@ -81,9 +83,20 @@ def _matmul_small(block, t):
     return block @ asarray_like(t, block)
 
 
-def times(x: da.Array, t: np.ndarray) -> da.Array:
-    """x @ t for a row-blocked x and a small dense t (k × r), block by block."""
+def times(x: da.Array, t) -> da.Array:
+    """x @ t for a row-blocked x and a small dense t (k × r), block by block; ``t`` a NumPy
+    array (embedded in every task) or a one-block Dask array (made once, on a worker)."""
+    if isinstance(t, da.Array):
+        return da.blockwise(_matmul_small, "ij", x, "ik", t, "kj", dtype=x.dtype, concatenate=True)
     return da.map_blocks(_matmul_small, x, t, chunks=(x.chunks[0], (t.shape[1],)), dtype=x.dtype)
+
+
+def rotation_array(seed: int, rank: int) -> da.Array:
+    """:func:`basis_rotation` as a one-block Dask array built on a worker from the seed, so no
+    rank × rank matrix travels in a task graph."""
+    return da.from_delayed(
+        dask.delayed(basis_rotation, pure=True)(seed, rank), shape=(rank, rank), dtype=np.float64
+    )
 
 
 def _nq_block(a, *, spec, lo, hi, seed, writer=None, codebook=None, block_info=None):

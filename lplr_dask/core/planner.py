@@ -28,20 +28,19 @@ embedded in a task graph and the driver only receives errors.
 candidate, its largest rank m(B, B′) within b (up to 64 pairs). Scoring one exactly costs a
 quantized n × m left factor, its Gram matrix and L̂ᵀ·A_sample (O(n·m·(m + s)) flops); a model
 of the error costs a few flops. The screen measures, once per sketch, the captured energy
-head(m) = ‖Q_mᵀ·A_sample‖² of every rank (one K × n × s product: the prefix property again) and,
-once per method, the relative error ρ of every left and right quantizer of the grid on a
-sample of the rotated basis's rows and of R; its estimate is
-error² ≈ tail(m) + (ρ_L/(1 + ρ_L)·(1 − m/n) + ρ_R)·head(m) (:func:`_modelled`; within 1 % of
-the exact scores on the benchmarks' matrices). Pairs are then scored exactly in the order of
-the estimate, one at a time, until no unscored pair's estimate, scaled by the smallest
-exact/estimate ratio seen, is below the best exact error: usually one or two exact scores
-instead of a grid. The choice is always an exactly scored point. Pairs whose rank exceeds the
-sketch are estimated with the tail's chord over its last K/8 ranks, extended (below a convex
-tail: optimistic); those whose scaled estimate is above the best error found are pruned, and
-only otherwise is the sketch extended by the missing columns (one more pass, prefix
-property). ``--max-error E`` doubles the budget until an estimate meets E, then bisects the
-budget (the error is monotone in it). ``exhaustive=True`` scores every pair (the test of the
-screen compares the two).
+head(m) = ‖Q_mᵀ·A_sample‖² of every rank (one K × n × s product: the prefix property again)
+and, once per method, the relative error ρ of every left and right quantizer of the grid on a
+sample of the rotated basis's rows and of R; its estimate is error² ≈ tail(m) + (ρ_L·(1 − m/n)
++ ρ_R)·head(m) (:func:`_modelled`; within 1 % of the exact scores on the benchmarks' matrices
+at 3–8 bits, 2 % at 1 bit). Pairs are then scored exactly in the order of the estimate, one at
+a time, until no unscored pair's estimate, scaled by the smallest exact/estimate ratio seen, is
+below the best exact error: usually one or two exact scores instead of a grid. The choice is
+always an exactly scored point. Pairs whose rank exceeds the sketch are estimated with the
+tail's chord over its last K/8 ranks, extended (below a convex tail: optimistic); those whose
+scaled estimate is above the best error found are pruned, and only otherwise is the sketch
+extended by the missing columns (one more pass, prefix property). ``--max-error E`` doubles the
+budget until an estimate meets E, then bisects the budget (the error is monotone in it).
+``exhaustive=True`` scores every pair (the test of the screen compares the two).
 
 **Memory guard.** The sketch is n × K float64 on the workers (per operand): K is at most
 ``min(n, d) − 1`` and at most :data:`PLAN_SKETCH_BYTES` / (8 n). Ranks above the guard are
@@ -126,6 +125,9 @@ SCREEN_ROWS = 1024
 quantizer costs."""
 SCREEN_COLS = 512
 """Sampled columns on which the screen measures what each right quantizer costs."""
+SMALL_ENTRIES = 1 << 22
+"""Matrices up to this many entries (16 MiB in float32: most of a checkpoint's tensors) get a sketch
+wide enough for every pair at once."""
 SCREEN_ROUND = 1
 """Candidates scored exactly per round of the screened search."""
 
@@ -537,13 +539,14 @@ def _modelled(scr, m, left, right, *, given_right: bool) -> float:
     """The screen's estimate of one candidate's relative error (a model, calibrated against
     the exact scores by the search).
 
-    error² ≈ tail(m) + (ρ_L/(1 + ρ_L)·(1 − m/n) + ρ_R)·head(m): quantizing L with relative
-    error ρ_L tilts each of its directions by tan²θ ≈ ρ_L, losing sin²θ of the captured
-    energy, of which the refitted R wins back about the share m/n that the noise's n
-    dimensions put in its span (measured: the factor is 0.78–0.88 at m/n = 0.2–0.25; all of
-    ρ_L when R is not refitted, ``dsvd``); R's own quantization adds ρ_R of it. Beyond the
-    sketch (m > K) the tail follows its chord over its last K/8 ranks, extended: below the
-    tail where it is convex, so an optimistic estimate."""
+    error² ≈ tail(m) + (ρ_L·(1 − m/n) + ρ_R)·head(m). A quantizer that meets the centroid
+    condition (``lloyd``, the MSE-optimal scales of ``clipped``) gives L̂ = (1 − ρ_L)·L + E
+    with E uncorrelated with L, which tilts L's span by tan²θ = ρ_L/(1 − ρ_L) and loses
+    sin²θ = ρ_L of the captured energy; the refitted R wins back about the share m/n that
+    E's n dimensions put in its span (all of ρ_L is lost when R is not refitted, ``dsvd``).
+    R's own quantization adds ρ_R of it. Beyond the sketch (m > K) the tail follows its
+    chord over its last K/8 ranks, extended: below the tail where it is convex, so an
+    optimistic estimate."""
     head, sub2 = scr["head"], scr["sub2"]
     k = len(head)
     if m <= k:
@@ -554,7 +557,7 @@ def _modelled(scr, m, left, right, *, given_right: bool) -> float:
         slope = min(0.0, (t1 - t0) / max(k - k0, 1))
         cap, tail = head[k - 1], t1 + slope * (m - k)
     rl = scr["left"][left]
-    lost = rl if given_right else rl / (1 + rl) * max(0.0, 1 - m / scr["rows"])
+    lost = rl if given_right else rl * max(0.0, 1 - m / scr["rows"])
     err2 = max(tail, 0.0) + (lost + scr["right"][right]) * cap
     return float(np.sqrt(max(err2, 0.0) / scr["orig2"])) if scr["orig2"] > 0 else 0.0
 
@@ -620,6 +623,12 @@ class _Planner:
     # -------------------------------------------------------------- configurations
 
     def config(self, fam: _Family, m=None, bl=None, br=None) -> CompressionConfig:
+        key = ("config", fam, m, bl, br)
+        if key not in self.scored:
+            self.scored[key] = self._resolve(fam, m, bl, br)
+        return self.scored[key]
+
+    def _resolve(self, fam: _Family, m, bl, br) -> CompressionConfig:
         opts = replace(
             self.options,
             method=fam.method,
@@ -638,8 +647,10 @@ class _Planner:
     def rank_for(self, fam, b, bl, br) -> int:
         key = ("rank", fam, b, bl, br)
         if key not in self.scored:
+            # Only the rank changes the stored bytes: resolve once, vary the rank.
+            base = self.config(fam, 1, bl, br)
             self.scored[key] = max_rank_for(
-                self.shape, budget=b, make=lambda m: self.config(fam, m, bl, br)
+                self.shape, budget=b, make=lambda m: replace(base, rank=m)
             )
         return self.scored[key]
 
@@ -1079,14 +1090,17 @@ class _Planner:
         return self.options.n_oversamples
 
     def cover(self, fam, b) -> int:
-        """The sketch columns that the pairs within 2 bits of the widest need at budget b."""
+        """The sketch columns that the pairs within 2 bits of the widest need at budget b
+        (every pair's on a matrix of at most :data:`SMALL_ENTRIES` entries: there a wider
+        sketch costs less than a second pass)."""
         if fam.method == "nq":
             return 1
         pairs = self.pairs(fam)
         top_l, top_r = max(p[0] for p in pairs), max(p[1] for p in pairs)
+        every = self.shape[0] * self.shape[1] <= SMALL_ENTRIES
         ranks = []
         for bl, br in pairs:
-            if bl >= top_l - 2 and br >= top_r - 2:
+            if every or (bl >= top_l - 2 and br >= top_r - 2):
                 try:
                     ranks.append(self.rank_for(fam, b, bl, br))
                 except ParameterError:
@@ -1319,13 +1333,12 @@ def plan(
     pl = _Planner(matrix, options, stages, sample_cols)
     if options.max_rank is not None:
         pl.k_limit = min(pl.k_limit, options.max_rank)
-    # One pass for every operand at the first budget's cover (nq+lplr's residuals included).
-    first = budgets[0] if budgets else 1.0
+    # One pass for every operand at the widest budget's cover (nq+lplr's residuals included).
     ops, cover = [None], 1
     for fam in fams:
         try:
             ops.append(pl.operand(fam))
-            cover = max(cover, pl.cover(fam, first))
+            cover = max(cover, *(pl.cover(fam, b) for b in budgets or (1.0,)))
         except ParameterError:
             continue
     pl.ensure(cover, list(dict.fromkeys(ops)))

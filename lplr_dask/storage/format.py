@@ -51,6 +51,7 @@ is never half-overwritten.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -231,10 +232,15 @@ def factor_layout(shape, spec: QuantizerSpec, chunks) -> dict[str, ArrayLayout]:
     return out
 
 
+@functools.lru_cache(maxsize=1 << 16)
+def _layout_nbytes(shape, spec: QuantizerSpec, chunks) -> int:
+    return sum(a.nbytes for a in factor_layout(shape, spec, chunks).values())
+
+
 def layout_nbytes(shape, spec: QuantizerSpec, chunks) -> int:
     """Stored bytes of a factor (codes and ranges, edge chunks padded); see
-    :func:`factor_layout`."""
-    return sum(a.nbytes for a in factor_layout(shape, spec, chunks).values())
+    :func:`factor_layout`. Memoized: the planner asks for the same layouts many times."""
+    return _layout_nbytes(tuple(int(v) for v in shape), spec, tuple(int(v) for v in chunks))
 
 
 def create_factor(root: Path, name: str, shape, spec: QuantizerSpec, chunks) -> FactorWriter:
