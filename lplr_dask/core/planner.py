@@ -34,13 +34,14 @@ sample of the rotated basis's rows and of R; its estimate is error² ≈ tail(m)
 + ρ_R)·head(m) (:func:`_modelled`; within 1 % of the exact scores on the benchmarks' matrices
 at 3–8 bits, 2 % at 1 bit). Pairs are then scored exactly in the order of the estimate, one at
 a time, until no unscored pair's estimate, scaled by the smallest exact/estimate ratio seen, is
-below the best exact error: usually one or two exact scores instead of a grid. The choice is
-always an exactly scored point. Pairs whose rank exceeds the sketch are estimated with the
-tail's chord over its last K/8 ranks, extended (below a convex tail: optimistic); those whose
-scaled estimate is above the best error found are pruned, and only otherwise is the sketch
-extended by the missing columns (one more pass, prefix property). ``--max-error E`` doubles the
-budget until an estimate meets E, then bisects the budget (the error is monotone in it).
-``exhaustive=True`` scores every pair (the test of the screen compares the two).
+below the best exact error (the ratio never above 1): usually one or two exact scores instead
+of a grid. The choice is always an exactly scored point. Pairs whose rank exceeds the sketch
+are estimated with the tail's chord over its last K/8 ranks, extended (below a convex tail:
+optimistic); those whose scaled estimate is above the best error found are pruned, and only
+otherwise is the sketch extended by the missing columns (one more pass, prefix property).
+``--max-error E`` doubles the budget until an estimate meets E, then bisects the budget (the
+error is monotone in it). ``exhaustive=True`` scores every pair (the test of the screen
+compares the two).
 
 **Memory guard.** The sketch is n × K float64 on the workers (per operand): K is at most
 ``min(n, d) − 1`` and at most :data:`PLAN_SKETCH_BYTES` / (8 n). Ranks above the guard are
@@ -1111,11 +1112,13 @@ class _Planner:
         return self.scored[(fam, *c)].estimated_rel_error
 
     def _calibration(self, fam, pairs, cand, span) -> float:
-        """min over the scored pairs of exact / modelled: the screen made optimistic."""
+        """min over the scored pairs of exact / modelled, and 1: the screen made optimistic,
+        never scaled up (a pair the model flatters, such as a 1-bit one, must not hide the
+        others)."""
         done = [cand(p) for p in pairs if (fam, *cand(p)) in self.scored]
         est = self.modelled(fam, done, span)
         ratios = [self._err(fam, c) / est[c] for c in done if est[c] > 0]
-        return min(ratios, default=1.0)
+        return min([1.0, *ratios])
 
     def _screened(self, fam, pairs, cand, span, exhaustive):
         """The best of ``pairs`` (all within the sketch): score them in the order of the
@@ -1130,10 +1133,7 @@ class _Planner:
             while True:
                 done = [p for p in order if (fam, *cand(p)) in self.scored]
                 found = min(self._err(fam, cand(p)) for p in done)
-                ratio = min(
-                    (self._err(fam, cand(p)) / est[cand(p)] for p in done if est[cand(p)] > 0),
-                    default=1.0,
-                )
+                ratio = self._calibration(fam, pairs, cand, span)
                 nxt = [p for p in order if p not in done and est[cand(p)] * ratio < found]
                 if not nxt:
                     break
