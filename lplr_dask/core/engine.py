@@ -11,6 +11,7 @@ Passes over A for ``method="lplr"`` with the defaults: two (the sketch, the proj
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -93,13 +94,14 @@ def _client():
     return client
 
 
-_BLAS: list = []  # one ThreadpoolController per process (finding the libraries costs ~1 ms)
+@functools.cache
+def _controller() -> ThreadpoolController:
+    """One per process: finding the BLAS libraries reads /proc/self/maps (~1 ms a stage)."""
+    return ThreadpoolController()
 
 
 def _one_blas_thread():
-    if not _BLAS:
-        _BLAS.append(ThreadpoolController())
-    return _BLAS[0].limit(limits=1, user_api="blas")
+    return _controller().limit(limits=1, user_api="blas")
 
 
 @dataclass

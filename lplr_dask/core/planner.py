@@ -55,6 +55,7 @@ configuration, so a budget run of ``lplr`` reads A twice, like a run with the ra
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -510,10 +511,10 @@ def _rel_mse(x, spec):
     return float(np.sum((x - xhat) ** 2)) / den if den > 0 else 0.0
 
 
-def _screen_head(c, norms, *, span, svd, rows):
+def _screen_head(c, norms, *, span, svd, n):
     """The captured energy ``head[m − 1]`` on the sample of every rank m ≤ ``span`` (the
     prefix of Q_K for ``lplr``, the leading eigenvalues of C·Cᵀ for the SVD methods), with
-    ‖operand sample‖², ‖A_sample‖² and n = ``rows``; ``c`` = Q_Kᵀ·A_sample (K × s), of which
+    ‖operand sample‖², ‖A_sample‖² and A's rows ``n``; ``c`` = Q_Kᵀ·A_sample (K × s), of which
     the first ``span`` rows are used (the prefix property)."""
     c = to_numpy(c)[:span].astype(np.float64)
     sub2, orig2 = (float(v) for v in to_numpy(norms))
@@ -521,7 +522,7 @@ def _screen_head(c, norms, *, span, svd, rows):
         energy = np.clip(np.linalg.eigvalsh(c @ c.T)[::-1], 0.0, None)
     else:
         energy = np.einsum("ij,ij->i", c, c)
-    return {"head": np.cumsum(energy), "sub2": sub2, "orig2": orig2, "rows": rows}
+    return {"head": np.cumsum(energy), "sub2": sub2, "orig2": orig2, "n": n}
 
 
 def _screen_errors(x, *, m, seed, specs, side):
@@ -558,7 +559,7 @@ def _modelled(scr, m, left, right, *, given_right: bool) -> float:
         slope = min(0.0, (t1 - t0) / max(k - k0, 1))
         cap, tail = head[k - 1], t1 + slope * (m - k)
     rl = scr["left"][left]
-    lost = rl if given_right else rl * max(0.0, 1 - m / scr["rows"])
+    lost = rl if given_right else rl * max(0.0, 1 - m / scr["n"])
     err2 = max(tail, 0.0) + (lost + scr["right"][right]) * cap
     return float(np.sqrt(max(err2, 0.0) / scr["orig2"])) if scr["orig2"] > 0 else 0.0
 
@@ -845,7 +846,7 @@ class _Planner:
         tasks: dict = {}
         if key not in self.bases:
             tasks[key] = dask.delayed(_screen_head)(
-                c, self.norms(op), span=span, svd=svd, rows=self.shape[0]
+                c, self.norms(op), span=span, svd=svd, n=self.shape[0]
             )
         if quant not in self.scored:
             lefts, rights = set(), set()
@@ -1342,27 +1343,16 @@ def plan(
         except ParameterError:
             continue
     pl.ensure(cover, list(dict.fromkeys(ops)))
-    chosen = []
-    for b in budgets:
-        for fam in fams:
-            try:
-                p = pl.search_budget(fam, b, exhaustive)
-            except ParameterError:
-                if len(fams) == 1:
-                    raise
-                continue
-            if p is not None:
-                chosen.append(p)
+    searches = [functools.partial(pl.search_budget, b=b, exhaustive=exhaustive) for b in budgets]
     if options.max_error is not None:
+        searches.append(functools.partial(pl.search_error, max_error=options.max_error, b0=1.0))
+    for search in searches:
         for fam in fams:
             try:
-                p = pl.search_error(fam, options.max_error, b0=1.0)
-            except ParameterError:
+                search(fam)
+            except ParameterError:  # this family cannot reach it; alone, that is the answer
                 if len(fams) == 1:
                     raise
-                continue
-            if p is not None:
-                chosen.append(p)
     result = Plan(
         shape,
         curve=pl.curve,
