@@ -59,10 +59,15 @@ __all__ = [
 
 DEFAULT_STAGE_THRESHOLD = 256 * 2**20
 
-CURVE_VERSION = "planner-b4-r4-1"
+CURVE_VERSION = "planner-b4-r4-2"
 """Names the estimator behind :func:`planner_curve`; estimates made by another are redone."""
 
 NQ_CURVE_BITS = tuple(range(1, 9))
+
+NQ_SAMPLE_ROWS = 4096
+"""In memory, ``nq`` points of a taller tensor are scored on this many of its rows (a seeded
+sample; group-wise scales keep each row's groups whole, so the error of the sample is the
+run's on those rows): an embedding of 30522 rows cost 2 s of its 4 s curve otherwise."""
 
 CURVE_RANK_DIVISOR = 4
 """Low-rank points are scored up to rank min(n, d) / 4 (the planner's ``max_rank``): the
@@ -274,13 +279,17 @@ def _sample_groups(d: int, *, group: int, sample_cols: int, seed: int) -> np.nda
     return np.concatenate([np.arange(g * group, min((g + 1) * group, d)) for g in chosen])
 
 
-def _nq_points(matrix, options: CompressionOptions, *, sample_cols: int) -> list[CurvePoint]:
+def _nq_points(
+    matrix, options: CompressionOptions, *, sample_cols: int, array=None
+) -> list[CurvePoint]:
     """``nq`` at 1–8 bits, scored on a seeded sample of whole scale groups (``sample_cols``
     columns; exact when that is every column): group-wise scales make each group's error its
     own, so the sample's error is the run's on those columns, and one pass over the sample
     scores every bit width. A ``lloyd`` codebook is fitted on A as the run fits it (its seeded
-    sample of blocks). Other granularities: none (their ranges span blocks)."""
-    from lplr_dask.core.engine import Stages, fit_codebook
+    sample of blocks). Other granularities: none (their ranges span blocks). With ``array``
+    (the matrix in memory) computed here with NumPy, without Dask graphs, on at most
+    :data:`NQ_SAMPLE_ROWS` seeded rows of those columns."""
+    from lplr_dask.core.engine import Stages, fit_codebook, fit_codebook_in_memory
 
     configs = []
     for bits in NQ_CURVE_BITS:
@@ -297,26 +306,40 @@ def _nq_points(matrix, options: CompressionOptions, *, sample_cols: int) -> list
         return []
     a = matrix.data
     specs = [c.matrix for c in configs]
-    stages = Stages()
-    books = [
-        fit_codebook(a, spec, stages, "curve-nq-codebook", sample_seed=options.seed)
-        for spec in specs
-    ]  # fitted as the real run fits it (quantize_matrix)
     cols = _sample_groups(
         a.shape[1], group=specs[0].group_size, sample_cols=sample_cols, seed=options.seed
     )
-    sub = a if len(cols) == a.shape[1] else a[:, cols].rechunk({1: -1})
-    sums = sub.map_blocks(
-        _nq_sums,
-        specs=specs,
-        codebooks=books,
-        seed=options.seed,
-        chunks=((1,) * sub.numblocks[0], (len(specs) + 1,) * sub.numblocks[1]),
-        dtype=np.float64,
-        meta=np.empty((0, 0)),
-    )
-    (sums,) = stages.compute("curve-nq", sums)
-    sums = np.asarray(sums).reshape(sub.numblocks[0], sub.numblocks[1], -1).sum(axis=(0, 1))
+    if array is not None:  # fitted as the real run fits it (quantize_matrix)
+        books = [
+            fit_codebook_in_memory(array, a.chunks, spec, sample_seed=options.seed)
+            for spec in specs
+        ]
+        sub = array if len(cols) == array.shape[1] else array[:, cols]
+        if sub.shape[0] > NQ_SAMPLE_ROWS:
+            rng = np.random.default_rng(np.random.SeedSequence(options.seed, spawn_key=(97,)))
+            sub = sub[np.sort(rng.choice(sub.shape[0], size=NQ_SAMPLE_ROWS, replace=False))]
+        n, s = sub.shape
+        info = {0: {"chunk-location": (0, 0), "array-location": [(0, n), (0, s)]}}
+        sums = _nq_sums(sub, specs=specs, codebooks=books, seed=options.seed, block_info=info)
+        sums = sums.reshape(-1)
+    else:
+        stages = Stages()
+        books = [
+            fit_codebook(a, spec, stages, "curve-nq-codebook", sample_seed=options.seed)
+            for spec in specs
+        ]
+        sub = a if len(cols) == a.shape[1] else a[:, cols].rechunk({1: -1})
+        sums = sub.map_blocks(
+            _nq_sums,
+            specs=specs,
+            codebooks=books,
+            seed=options.seed,
+            chunks=((1,) * sub.numblocks[0], (len(specs) + 1,) * sub.numblocks[1]),
+            dtype=np.float64,
+            meta=np.empty((0, 0)),
+        )
+        (sums,) = stages.compute("curve-nq", sums)
+        sums = np.asarray(sums).reshape(sub.numblocks[0], sub.numblocks[1], -1).sum(axis=(0, 1))
     norm2 = float(sums[0])
     return [
         CurvePoint(
@@ -330,7 +353,12 @@ def _nq_points(matrix, options: CompressionOptions, *, sample_cols: int) -> list
 
 
 def planner_curve(
-    matrix, options: CompressionOptions, *, budgets: Sequence[float], sample_cols: int = 2048
+    matrix,
+    options: CompressionOptions,
+    *,
+    budgets: Sequence[float],
+    sample_cols: int = 2048,
+    array: np.ndarray | None = None,
 ) -> list:
     """Every candidate the planner scores on ``matrix`` at ``budgets`` (the tensor's curve).
 
@@ -342,14 +370,16 @@ def planner_curve(
     subset while the planner's full ``auto`` search costs more per tensor than the
     compression. Widening it to every family and bit width is
     ``plan(matrix, replace(options, method="auto", budget=max(budgets)), budgets=budgets)``.
+    With ``array`` (the matrix in memory) the same points come from
+    :func:`lplr_dask.core.planner.curve_in_memory`: NumPy in this thread, no Dask graph.
 
     Returns
     -------
     list of CurvePoint
     """
-    from lplr_dask.core.planner import plan
+    from lplr_dask.core.planner import curve_in_memory, plan
 
-    points = _nq_points(matrix, options, sample_cols=sample_cols)
+    points = _nq_points(matrix, options, sample_cols=sample_cols, array=array)
     budgets = sorted({float(x) for x in budgets})
     cap = max(1, min(matrix.shape) // CURVE_RANK_DIVISOR)
     for method, bl, br in STANDIN_LOW_RANK:
@@ -357,6 +387,13 @@ def planner_curve(
             options, method=method, budget=max(budgets), rank=None, bits_left=bl,
             bits_right=br, bits_matrix=None, max_rank=cap,
         )  # fmt: skip
+        if array is not None:
+            curve = curve_in_memory(matrix, array, opts, budgets=budgets, sample_cols=sample_cols)
+            points += [
+                CurvePoint(p.config, p.bits_per_entry, p.estimated_rel_error, p.method, p.passes)
+                for p in curve
+            ]
+            continue
         for group in (budgets, *([b] for b in budgets)):  # all at once; one by one if refused
             try:
                 curve = plan(matrix, opts, budgets=group, sample_cols=sample_cols).curve
@@ -424,9 +461,15 @@ def estimate_tensor(
     t0 = time.perf_counter()
     options = CompressionOptions(method="nq", group_size=group_size, seed=entry.seed)
     with local_scheduler() if in_memory else contextlib.nullcontext():
-        matrix = open_input(_source(entry, tdir, in_memory=in_memory), group_size=group_size)
-        norm2 = _norm2(matrix)
-        curve = planner_curve(matrix, options, budgets=budgets)
+        source = _source(entry, tdir, in_memory=in_memory)
+        matrix = open_input(source, group_size=group_size)
+        if in_memory:  # NumPy in this thread: no Dask graphs for a small tensor
+            array = np.asarray(source, dtype=matrix.data.dtype)
+            norm2 = float(np.einsum("ij,ij->", array, array, dtype=np.float64))
+            curve = planner_curve(matrix, options, budgets=budgets, array=array)
+        else:
+            norm2 = _norm2(matrix)
+            curve = planner_curve(matrix, options, budgets=budgets)
     shape = tuple(entry.shape)
     points = {}
     for p in curve:

@@ -22,7 +22,7 @@ import fnmatch
 import math
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from lplr_dask.core.params import METHODS, CompressionConfig, CompressionOptions
 from lplr_dask.errors import ParameterError
@@ -228,9 +228,9 @@ class Candidate:
 
     @classmethod
     def from_config(cls, config: CompressionConfig, shape) -> Candidate | None:
-        """The candidate whose options resolve to ``config`` on ``shape`` (a planner's point),
-        or None when no options reproduce it (per-factor quantizer kinds that are not the
-        defaults, say)."""
+        """The candidate whose options, with ``config``'s seed, resolve to ``config`` on
+        ``shape`` (a planner's point), or None when no options reproduce it (per-factor
+        quantizer kinds that are not the defaults, say)."""
         group = next(
             (s.group_size for s in (config.right, config.matrix) if s is not None and s.group_size),
             None,
@@ -257,7 +257,9 @@ class Candidate:
                     kw["n_power_iter"] = power
                 try:
                     opts = CompressionOptions.of(None, **fields, **kw)
-                    same = opts.resolve(shape, block_shape=config.block_shape) == config
+                    # the seed is the tensor's (TensorEntry.seed), not the candidate's
+                    seeded = replace(opts, seed=config.seed)
+                    same = seeded.resolve(shape, block_shape=config.block_shape) == config
                 except ParameterError:
                     continue
                 if same:

@@ -100,7 +100,10 @@ def _controller() -> ThreadpoolController:
     return ThreadpoolController()
 
 
-def _one_blas_thread():
+def one_blas_thread():
+    """A context in which BLAS runs on one thread (as every block kernel does: OpenBLAS sums
+    in another order with more threads, and the codes must not depend on where they were
+    computed)."""
     return _controller().limit(limits=1, user_api="blas")
 
 
@@ -121,7 +124,7 @@ class Stages:
         t0 = time.perf_counter()
         client = _client()
         if client is None:
-            with _one_blas_thread():
+            with one_blas_thread():
                 out = dask.persist(*collections)
         else:
             from distributed import futures_of, wait
@@ -363,14 +366,37 @@ def fit_codebook(
     blocks = list(x.to_delayed().ravel())
     row_step = 1
     if sample_seed is not None:
-        per = round(1 / CODEBOOK_SAMPLE_FRACTION)
-        take = -(-len(blocks) // per)
-        row_step = max(1, round(per * take / len(blocks)))
-        rng = block_generator(sample_seed, STREAM_CODEBOOK_SAMPLE)
-        chosen = np.sort(rng.choice(len(blocks), size=take, replace=False))
+        chosen, row_step = codebook_sample(len(blocks), sample_seed)
         blocks = [blocks[i] for i in chosen]
     tasks = [dask.delayed(_histogram_of)(b, spec, hi, row_step) for b in blocks]
     counts = sum(stages.compute(name, *tasks))
+    return fit_lloyd(counts, spec.bits)
+
+
+def codebook_sample(n_blocks: int, sample_seed: int) -> tuple[np.ndarray, int]:
+    """The blocks (indices in row-major order of the canonical grid) and the row step of the
+    seeded sample that a ``lloyd`` codebook of Q(A) is fitted to (:func:`fit_codebook` with
+    ``sample_seed``)."""
+    per = round(1 / CODEBOOK_SAMPLE_FRACTION)
+    take = -(-n_blocks // per)
+    row_step = max(1, round(per * take / n_blocks))
+    rng = block_generator(sample_seed, STREAM_CODEBOOK_SAMPLE)
+    return np.sort(rng.choice(n_blocks, size=take, replace=False)), row_step
+
+
+def fit_codebook_in_memory(a, chunks, spec: QuantizerSpec, *, sample_seed: int):
+    """:func:`fit_codebook` of Q(A) (``sample_seed`` given, block ranges) for a matrix ``a``
+    in memory whose canonical grid is ``chunks`` (Dask's ``chunks`` of its blocks), computed
+    here with no graph: the same codebook."""
+    if spec.is_float or not spec.stores_codebook:
+        return None
+    rows, cols = (np.cumsum((0, *c)) for c in chunks)
+    grid = [(i, j) for i in range(len(rows) - 1) for j in range(len(cols) - 1)]
+    chosen, row_step = codebook_sample(len(grid), sample_seed)
+    counts = sum(
+        _histogram_of(a[rows[i] : rows[i + 1], cols[j] : cols[j + 1]], spec, None, row_step)
+        for i, j in (grid[c] for c in chosen)
+    )
     return fit_lloyd(counts, spec.bits)
 
 
@@ -456,19 +482,20 @@ def quantize_left(x: da.Array, spec: QuantizerSpec, writer, *, seed: int, dtype,
 # ----------------------------------------------------------------------------- right factor
 
 
-def _panel_values(p, extra, *, coef, mode):
+def _panel_values(p, extra, coef, *, mode):
     c = asarray_like(coef, p)
     return c @ (extra if mode == "given" else p)
 
 
 def _panel_finish(
-    p, extra, *, coef, mode, spec, lo, hi, seed, writer, gram_, codebook=None, block_info=None
+    p, extra, cols, coef, gram_, *, mode, spec, lo, hi, seed, writer, col_bounds, codebook=None
 ):
-    """Compute R_j, quantize it, write it; return [⟨R̂_j, P_j⟩, ⟨R̂_j, G R̂_j⟩]."""
+    """Compute R_j, quantize it, write it; return [⟨R̂_j, P_j⟩, ⟨R̂_j, G R̂_j⟩]. ``cols``: the
+    panel's column numbers (the first locates it among ``col_bounds``)."""
     xp = array_namespace(p)
-    col0 = block_info[0]["array-location"][1][0]
-    j = block_info[0]["chunk-location"][1]
-    r = _panel_values(p, extra, coef=coef, mode=mode)
+    col0 = int(to_numpy(cols[:1])[0])
+    j = int(np.searchsorted(col_bounds, col0, side="right")) - 1
+    r = _panel_values(p, extra, coef, mode=mode)
     rng = block_generator(seed, STREAM_DITHER_RIGHT, j) if spec.rounding == "stochastic" else None
     lo_b, hi_b, local = _local_ranges(r, spec, lo, hi)
     codes = encode(r, spec, lo_b, hi_b, rng, codebook)
@@ -479,16 +506,24 @@ def _panel_finish(
     return to_numpy(stats).reshape(1, 2)
 
 
+def _check_one_block(x, what: str) -> None:
+    if not isinstance(x, da.Array) or x.npartitions != 1:
+        raise TypeError(
+            f"{what} must be a one-block Dask array (built or loaded on a worker, such as "
+            "lplr_dask.core.methods.npy_array), so that it does not travel in the task graph"
+        )
+
+
 def project_and_quantize(
     a: da.Array,
     lhat: da.Array,
-    g: np.ndarray,
+    g: da.Array,
     spec: QuantizerSpec,
     writer,
     *,
     seed: int,
     stages: Stages,
-    coef: np.ndarray,
+    coef: da.Array,
     mode: str = "lstsq",
     given: da.Array | None = None,
 ):
@@ -496,35 +531,66 @@ def project_and_quantize(
     coef = G⁺) or R_j = coef @ given_j (``mode="given"``), re-quantized and written where it is
     computed. Returns (⟨R̂, P⟩, ⟨R̂, G R̂⟩) in float64 for the exact error.
 
+    ``g`` (G = L̂ᵀL̂, m × m) and ``coef`` are one-block Dask arrays made on a worker (for
+    example :func:`lplr_dask.core.methods.npy_array`): every panel's task takes them from there,
+    so no m × m matrix is embedded in the graph.
+
     Group-wise ranges are local to a panel: one pass over A, R never leaves its panel. Ranges
     that span panels (``tensor``, ``row``) and a ``lloyd`` codebook (fitted to all of R) need
     R's float values first: they are kept on the workers (m × d float64, small next to A),
     reduced to ranges and the codebook, then quantized (still one pass over A).
     """
+    _check_one_block(g, "g")
+    _check_one_block(coef, "coef")
     p = left_multiply(a, lhat)
     extra = given if given is not None else p
-    kw = dict(coef=coef, mode=mode)
     lo = hi = codebook = None
     spans = spec.granularity in ("tensor", "row")
     if not spec.is_float and (spans or spec.stores_codebook):
-        r_float = da.map_blocks(_panel_values, p, extra, dtype=np.float64, **kw)
+        # (indices x, y, z: one block each, handed whole to every panel's task)
+        r_float = da.blockwise(
+            _panel_values,
+            "ij",
+            p,
+            "ij",
+            extra,
+            "xj",
+            coef,
+            "yz",
+            dtype=np.float64,
+            meta=meta_from_array(p, ndim=2, dtype=np.float64),
+            concatenate=True,
+            mode=mode,
+        )
         p, r_float = stages.persist("project", p, r_float)
         extra = given if given is not None else p
         lo, hi, codebook = shared_state(r_float, spec, writer, stages, "right", spans=spans)
-    stats = da.map_blocks(
+    cols = da.arange(p.shape[1], chunks=(p.chunks[1],))  # column numbers, made on the workers
+    stats = da.blockwise(
         _panel_finish,
+        "ij",
         p,
+        "ij",
         extra,
+        "xj",
+        cols,
+        "j",
+        coef,
+        "yz",
+        g,
+        "uv",
+        adjust_chunks={"i": 1, "j": 2},
+        dtype=np.float64,
+        meta=np.empty((0, 0)),
+        concatenate=True,
+        mode=mode,
         spec=spec,
         lo=lo,
         hi=hi,
         seed=seed,
         writer=writer,
-        gram_=g,
+        col_bounds=np.cumsum((0, *p.chunks[1])),
         codebook=codebook,
-        chunks=((1,), (2,) * p.numblocks[1]),
-        dtype=np.float64,
-        **kw,
     )
     (s,) = stages.compute("project" if lo is None and codebook is None else "requantize", stats)
     s = s.reshape(-1, 2).sum(axis=0)

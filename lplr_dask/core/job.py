@@ -7,11 +7,13 @@
 stage              what it does                                                    passes
 =================  ==============================================================  ===========
 plan               resolve the configuration (the planner, with a budget or        0 (+1)
-                   max_error; its sketch is then the sketch stage's, no pass)
+                   max_error; its sketch is then the sketch stage's, no pass, and
+                   its orthonormal basis the basis stage's, no QR)
 quantize-matrix    ``nq``, ``nq+lplr``: Q(A) written, ‖A‖² and ‖A − Q(A)‖²         1
 sketch             Y = A·S (+ power iterations) and ‖A‖²                           1 (+2/iter)
 basis              orthonormal basis, rotation, quantized L written; L̂, G stored   0 (+1)
-project            R = G⁺L̂ᵀA per column panel, re-quantized and written           1
+project            R = G⁺L̂ᵀA per column panel, re-quantized and written (G, G⁺   1
+                   read on the workers: no m × m matrix in the task graph)
 verify             exact error from the stored statistics, bytes on disk checked,  0 (+1)
                    optionally an independent blockwise pass (``verify=True``)
 publish            metadata written, renamed into place, work directory removed    0
@@ -68,7 +70,9 @@ from lplr_dask.core.engine import (
 from lplr_dask.core.methods import (
     ROTATED_METHODS,
     check_finite_input,
+    npy_array,
     nq_residual,
+    orthonormal_row_chunks,
     orthonormalize,
     quantize_matrix,
     rotation_array,
@@ -455,12 +459,24 @@ class CompressionJob:
                 extra["passes"] = 1
             handed = pl.sketch_for(cfg) if self.options.passes != 1 else None
             if handed is not None:  # the sketch stage takes it: no second sketch pass
-                y, norm2 = handed
-                y_ref = _store(y, self.work_dir / "Y.zarr", self.engine, "plan")
-                extra["sketch"] = {"norm2": norm2, "Y": y_ref, "from_plan": True}
+                extra["sketch"] = self._handed_sketch(cfg, *handed)
         self._cfg = cfg
         zarr.open_group(str(self.out_tmp), mode="w")
         return {"config": cfg.to_dict(), "budget_search": search, **extra}
+
+    def _handed_sketch(self, cfg: CompressionConfig, y, norm2: float, q) -> dict:
+        """Store what the planner hands over for the sketch stage's record: its orthonormal
+        basis Q (n × k, in the row blocks this job's own ``orthonormalize`` would give: the
+        dither and the writes of L follow the row blocks), so that the basis stage skips its
+        QR; or, for ``paper`` (which quantizes Y itself) or without a basis, the sketch Y."""
+        if q is not None and cfg.method != "paper":
+            k = q.shape[1]
+            chunks = orthonormal_row_chunks(self.matrix.data.chunks[0], k)
+            q = q.rechunk((chunks, (k,)))
+            ref = _store(q, self.work_dir / "Q.zarr", self.engine, "plan")
+            return {"norm2": norm2, "Q": ref, "from_plan": True}
+        ref = _store(y, self.work_dir / "Y.zarr", self.engine, "plan")
+        return {"norm2": norm2, "Y": ref, "from_plan": True}
 
     def _single_pass(self, rank: int) -> None:
         """Run the planner's choice with ``passes=1`` (it chose it under ``max_passes=1``)."""
@@ -523,8 +539,8 @@ class CompressionJob:
         if self.options.passes == 1:
             return self._sketch_single_pass()
         handed = self.records["plan"].values.get("sketch")
-        if handed is not None:  # the planner's sketch, cut to this rank: no pass over A
-            return {"norm2": handed["norm2"], "Y": handed["Y"], "from_plan": True}
+        if handed is not None:  # the planner's sketch or basis, cut to this rank: no pass
+            return dict(handed)
         cfg, stages = self.config, self.engine
         rank, _, _ = cfg.low_rank()
         a = self._operand()
@@ -552,15 +568,22 @@ class CompressionJob:
         cfg, stages, work = self.config, self.engine, self.work_dir
         rank, left, _ = cfg.low_rank()
         a = self._operand()
-        y = _load(work, self.records["sketch"].values["Y"])
+        sketched = self.records["sketch"].values
         coef: Any = None
         mode, given = "lstsq", None
         if cfg.method == "paper":
-            basis = y  # Algorithm 1: L = Q(A·S), no orthonormalization
+            basis = _load(work, sketched["Y"])  # Algorithm 1: L = Q(A·S), no orthonormalization
         else:
-            (q,) = stages.persist("orthonormalize", orthonormalize(y))
+            # The planner's orthonormal basis, stored by the plan stage; else a QR of Y here.
+            qr_pending = "Q" not in sketched
+            q = _load(work, sketched["Y"] if qr_pending else sketched["Q"])
+            if qr_pending:
+                q = orthonormalize(q)
             basis = q
             if cfg.method in ("dsvd", "lplr-svd") or cfg.n_oversamples:
+                if qr_pending:  # read twice: B = QᵀA, then Q·U
+                    (q,) = stages.persist("orthonormalize", q)
+                    qr_pending = False
                 # One pass: B = QᵀA (k × d, kept on the workers), B·Bᵀ, top eigenvectors.
                 (b,) = stages.persist("truncate", left_multiply(a, q))
                 (bbt,) = stages.compute("truncate", gram(b.T))
@@ -574,9 +597,15 @@ class CompressionJob:
                         (rank, rank)
                     ) / np.sqrt(rank)
                     u = u @ (sig[:, None] * mix)
-                basis = times(q, u)
+                np.save(work / "transform.npy", u)  # read on the workers: not in the graph
+                basis = times(q, npy_array(work / "transform.npy"))
         if cfg.method in ROTATED_METHODS:
             basis = times(basis, rotation_array(cfg.seed, rank))
+        if cfg.method != "paper":
+            # Read two or three times (ranges, codebook, L̂): computed once (with the QR when
+            # this stage makes it), kept on the workers in place of Q.
+            (basis,) = stages.persist("orthonormalize" if qr_pending else "rotate", basis)
+            del q  # Q (when persisted) is no longer needed on the workers
         n = a.shape[0]
         lwriter = create_factor(self.out_tmp, "L", (n, rank), left, (a.chunksize[0], rank))
         lhat, g = quantize_left(basis, left, lwriter, seed=cfg.seed, dtype=a.dtype, stages=stages)
@@ -604,12 +633,12 @@ class CompressionJob:
         rp, rgr = project_and_quantize(
             a,
             _load(work, v["Lhat"]),
-            np.load(work / "gram.npy"),
-            right,
+            npy_array(work / "gram.npy"),  # G and G⁺ (m × m) are read on the workers:
+            right,  # no m × m matrix in the graph
             rwriter,
             seed=cfg.seed,
             stages=self.engine,
-            coef=np.load(work / "coef.npy"),
+            coef=npy_array(work / "coef.npy"),
             mode=v["mode"],
             given=_load(work, v["given"]) if "given" in v else None,
         )

@@ -3,9 +3,13 @@ quantization steps that the stages of :mod:`lplr_dask.core.job` and the budget s
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import dask
 import dask.array as da
 import numpy as np
+from dask.base import tokenize
 
 from lplr_dask.core.engine import (
     Stages,
@@ -24,7 +28,9 @@ __all__ = [
     "ROTATED_METHODS",
     "basis_rotation",
     "check_finite_input",
+    "npy_array",
     "nq_residual",
+    "orthonormal_row_chunks",
     "orthonormalize",
     "quantize_matrix",
     "rotation_array",
@@ -55,10 +61,24 @@ def check_finite_input(norm2: float, a: da.Array, source: str, stages: Stages) -
         _check_finite(to_numpy(sumsq), a, source)
 
 
+def orthonormal_row_chunks(row_chunks, k: int) -> tuple[int, ...]:
+    """The row blocks of :func:`orthonormalize`'s basis of an n × k array whose row blocks are
+    ``row_chunks``: the same blocks, unless one is shorter than k (TSQR needs blocks at least
+    as tall as wide); then blocks of max(k, the tallest block) rows."""
+    row_chunks = tuple(int(c) for c in row_chunks)
+    rows = max(k, max(row_chunks))
+    if min(row_chunks[:-1] or (rows,)) >= k and row_chunks[-1] >= k:
+        return row_chunks
+    full, rem = divmod(sum(row_chunks), rows)
+    return (rows,) * full + ((rem,) if rem else ())
+
+
 def orthonormalize(y: da.Array) -> da.Array:
-    rows = max(y.shape[1], max(y.chunks[0]))
-    if min(y.chunks[0][:-1] or (rows,)) < y.shape[1] or y.chunks[0][-1] < y.shape[1]:
-        y = y.rechunk({0: rows})
+    """An orthonormal basis of the range of the row-blocked n × k array ``y`` (TSQR), in the
+    row blocks :func:`orthonormal_row_chunks` gives."""
+    chunks = orthonormal_row_chunks(y.chunks[0], y.shape[1])
+    if chunks != y.chunks[0]:
+        y = y.rechunk({0: chunks[0]})
     q, _ = da.linalg.tsqr(y.rechunk({1: -1}))
     return q
 
@@ -89,6 +109,18 @@ def times(x: da.Array, t) -> da.Array:
     if isinstance(t, da.Array):
         return da.blockwise(_matmul_small, "ij", x, "ik", t, "kj", dtype=x.dtype, concatenate=True)
     return da.map_blocks(_matmul_small, x, t, chunks=(x.chunks[0], (t.shape[1],)), dtype=x.dtype)
+
+
+def npy_array(path) -> da.Array:
+    """A ``.npy`` file (a small matrix: a Gram matrix, a coefficient matrix) as a one-block Dask
+    array read on a worker, so that it does not travel in a task graph. The task's key
+    follows the file's path, size and modification time."""
+    path = Path(path)
+    st = os.stat(path)
+    head = np.load(path, mmap_mode="r")  # the header only: shape and dtype
+    name = "lplr-npy-" + tokenize(str(path.resolve()), st.st_size, st.st_mtime_ns)
+    block = dask.delayed(np.load, pure=True)(str(path), dask_key_name=name)
+    return da.from_delayed(block, shape=head.shape, dtype=head.dtype)
 
 
 def rotation_array(seed: int, rank: int) -> da.Array:

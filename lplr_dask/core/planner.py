@@ -50,12 +50,19 @@ capped (``Plan.capped``); the run itself needs its n × m sketch anyway.
 **Passes.** ``plan`` makes one pass over A (the sketch and the sample), plus 2 per power
 iteration for the methods that use them, plus one for the truncation of ``dsvd`` and
 ``lplr-svd``, plus one per sketch extension. The job reuses the sketch of the chosen
-configuration, so a budget run of ``lplr`` reads A twice, like a run with the rank given.
+configuration and the orthonormal basis of it (:meth:`Plan.sketch_for`), so a budget run of
+``lplr`` reads A twice, like a run with the rank given, and runs no QR of its own.
+
+**In memory.** :func:`curve_in_memory` scores the candidates of ``lplr`` and ``nq+lplr`` of a
+matrix held in memory (a checkpoint's tensor, inside its Dask task) with NumPy in the calling
+thread: the same sketch stream, the run's TSQR over A's row blocks and the same exact score,
+without a graph per step (on a 384 × 384 weight ~150 graphs cost 5× the arithmetic).
 """
 
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import time
 from dataclasses import dataclass, field, replace
@@ -75,6 +82,7 @@ from lplr_dask.core.engine import (
     gram,
     left_multiply,
     local_codebook,
+    one_blas_thread,
     quantize_rows_block,
     right_multiply,
 )
@@ -107,6 +115,7 @@ __all__ = [
     "PLAN_SKETCH_BYTES",
     "Plan",
     "Point",
+    "curve_in_memory",
     "default_max_passes",
     "family_passes",
     "max_rank_for",
@@ -271,13 +280,17 @@ class Plan:
         return [{k: v for k, v in p.to_dict().items() if k != "config"} for p in self.curve]
 
     def sketch_for(self, config: CompressionConfig):
-        """The sketch the job's ``sketch`` stage would compute for ``config`` (n × k float64,
-        on the workers), cut from the planner's, or None when it has none for it."""
+        """What the job's ``sketch`` stage would compute for ``config``, cut from the
+        planner's: ``(Y, ‖A‖², Q)`` with Y the n × k sketch (float64, on the workers) and Q the
+        first k columns of the planner's orthonormal basis of its K-column sketch (on the
+        workers; by the prefix property they span the range of Y, so the ``basis`` stage
+        need not orthonormalize Y again), Q None when the planner made no basis. None when
+        the planner has no sketch for ``config``."""
         key = _operand_key(config)
         entry = self._handover.get((key, int(config.n_power_iter)))
         if entry is None or not config.rank:
             return None
-        y, norm2, scale_cols = entry
+        y, norm2, scale_cols, basis = entry
         k = config.rank + config.n_oversamples
         if config.method in ("dsvd", "lplr-svd"):
             k = min(config.rank + max(config.n_oversamples, 10), min(self.shape))
@@ -286,7 +299,8 @@ class Plan:
         out = y[:, :k]
         if scale_cols:  # a plain sketch: A·S_k has entries of S scaled by 1/√k, ours by 1/√K₀
             out = out * math.sqrt(scale_cols / k)
-        return out, norm2
+        q = basis[:, :k] if basis is not None and k <= basis.shape[1] else None
+        return out, norm2, q
 
 
 def _operand_key(config: CompressionConfig):
@@ -614,7 +628,8 @@ class _Planner:
         self.sub = None  # A_sample (n × s, A's dtype)
         self.subs: dict = {}
         self.norm2 = None
-        self.scored: dict = {}  # (family, m, B, B', kind) -> Point
+        self.scored: dict = {}  # (family, m, B, B') or (family, B_nq) -> Point
+        self.cache: dict = {}  # configs, ranks, sample norms, quantizer errors
         self.curve: list[Point] = []
         self.pruned: list = []
         self.passes = 0
@@ -626,9 +641,9 @@ class _Planner:
 
     def config(self, fam: _Family, m=None, bl=None, br=None) -> CompressionConfig:
         key = ("config", fam, m, bl, br)
-        if key not in self.scored:
-            self.scored[key] = self._resolve(fam, m, bl, br)
-        return self.scored[key]
+        if key not in self.cache:
+            self.cache[key] = self._resolve(fam, m, bl, br)
+        return self.cache[key]
 
     def _resolve(self, fam: _Family, m, bl, br) -> CompressionConfig:
         opts = replace(
@@ -648,13 +663,13 @@ class _Planner:
 
     def rank_for(self, fam, b, bl, br) -> int:
         key = ("rank", fam, b, bl, br)
-        if key not in self.scored:
+        if key not in self.cache:
             # Only the rank changes the stored bytes: resolve once, vary the rank.
             base = self.config(fam, 1, bl, br)
-            self.scored[key] = max_rank_for(
+            self.cache[key] = max_rank_for(
                 self.shape, budget=b, make=lambda m: replace(base, rank=m)
             )
-        return self.scored[key]
+        return self.cache[key]
 
     def operand(self, fam: _Family):
         if fam.method != "nq+lplr":
@@ -808,16 +823,16 @@ class _Planner:
     def norms(self, op):
         """(‖operand sample‖², ‖A_sample‖²) on the workers."""
         key = ("norms", op)
-        if key not in self.scored:
+        if key not in self.cache:
             sub, orig = self.sample_of(op), self.sub
             assert orig is not None  # the sample is kept by the planning pass
-            (self.scored[key],) = self.stages.persist(
+            (self.cache[key],) = self.stages.persist(
                 "plan-sample",
                 da.stack(
                     [(sub.astype(np.float64) ** 2).sum(), (orig.astype(np.float64) ** 2).sum()]
                 ),
             )
-        return self.scored[key]
+        return self.cache[key]
 
     def screen(self, fam: _Family, span: int) -> dict:
         """The screen's measurements for ``fam`` on the current sketch: one product
@@ -827,8 +842,8 @@ class _Planner:
         op, q, svd = self.operand(fam), fam.n_power_iter, fam.method in ("dsvd", "lplr-svd")
         span = min(span, self.k)
         key, quant = (op, q, "screen", svd, span), ("quantizer-errors", fam)
-        if key in self.bases and quant in self.scored:
-            return {**self.bases[key], **self.scored[quant]}
+        if key in self.bases and quant in self.cache:
+            return {**self.bases[key], **self.cache[quant]}
         parts = (op, q, "screen-parts")
         if parts not in self.bases:
             qb = self.basis(op, q)
@@ -848,7 +863,7 @@ class _Planner:
             tasks[key] = dask.delayed(_screen_head)(
                 c, self.norms(op), span=span, svd=svd, n=self.shape[0]
             )
-        if quant not in self.scored:
+        if quant not in self.cache:
             lefts, rights = set(), set()
             for bl, br in self.pairs(fam):
                 try:
@@ -865,9 +880,9 @@ class _Planner:
         done = dict(zip(tasks, self.stages.compute("plan-screen", *tasks.values()), strict=True))
         if key in done:
             self.bases[key] = done[key]
-        if quant not in self.scored:
-            self.scored[quant] = {"left": done["left"], "right": done["right"]}
-        return {**self.bases[key], **self.scored[quant]}
+        if quant not in self.cache:
+            self.cache[quant] = {"left": done["left"], "right": done["right"]}
+        return {**self.bases[key], **self.cache[quant]}
 
     def modelled(self, fam: _Family, cands, span: int) -> dict:
         """The screen's estimate of each candidate (m, B, B′), ranks beyond the sketch
@@ -1367,11 +1382,13 @@ def plan(
         _raise_too_small(pl, fams, budgets, shape)
     # The job's sketch stage takes its sketch from here (A's only: a residual's own norm is
     # not kept).
+    # Its basis stage takes the planner's orthonormal basis of that sketch (the first k
+    # columns span the rank-k range: the prefix property), when the planner made one.
     if None in pl.y:
-        result._handover[(None, 0)] = (pl.y[None], pl.norm2, pl.k0)
+        result._handover[(None, 0)] = (pl.y[None], pl.norm2, pl.k0, pl.bases.get((None, 0)))
     for (op, q), y in pl.power.items():
         if op is None:
-            result._handover[(None, q)] = (y, pl.norm2, 0)
+            result._handover[(None, q)] = (y, pl.norm2, 0, pl.bases.get((None, q)))
     result.seconds = time.perf_counter() - t0
     return result
 
@@ -1394,3 +1411,134 @@ def _raise_too_small(pl: _Planner, fams, budgets, shape):
         f"cheapest configuration needs {need:.4f} bits per entry for a {shape[0]}×{shape[1]} "
         "matrix. Raise --budget to at least that, or use --method nq."
     )
+
+
+# ----------------------------------------------------------------------------- in memory
+
+IN_MEMORY_METHODS = ("lplr", "nq+lplr")
+"""Methods that :func:`curve_in_memory` scores (without power iterations)."""
+
+
+def curve_in_memory(
+    matrix: InputMatrix,
+    a: np.ndarray,
+    options: CompressionOptions,
+    *,
+    budgets,
+    sample_cols: int = 2048,
+) -> list[Point]:
+    """The points :func:`plan` scores for ``options`` at ``budgets``, for a matrix held in
+    memory, computed in the calling thread with NumPy: no Dask graph, no stage.
+
+    A checkpoint's tensors are small and many: there the planner's cost is Dask's, not the
+    arithmetic (a 384 × 384 weight took ~150 graph computations). This is the same estimate
+    without the graphs: one sketch of the widest rank asked, its QR, and for each candidate
+    (m, B, B′) the exact error on the column sample (all columns when d ≤ ``sample_cols``) of
+    the rank-m rotated basis Q_K[:, :m]·H_m (Q_K from the run's TSQR over A's row blocks: the
+    same column signs, hence the same rotated basis) quantized as the run quantizes it, with
+    R = G⁺L̂ᵀA quantized as the run does (:func:`_score`). Every pair of the (B, B′) grid is
+    scored (no screen), so fix ``bits_left`` and ``bits_right`` to keep it cheap.
+
+    Parameters
+    ----------
+    matrix : InputMatrix
+        The opened input (its shape and canonical grid).
+    a : numpy.ndarray
+        The same matrix, in memory (n × d, float32 or float64).
+    options : CompressionOptions
+        ``method`` one of :data:`IN_MEMORY_METHODS`, ``n_power_iter`` 0 or None; bit widths,
+        quantizer, group size, seed and ``max_rank`` as for :func:`plan`.
+    budgets : sequence of float
+        Bits per entry; the best candidate of each family at each budget is scored.
+    sample_cols : int, default 2048
+
+    Returns
+    -------
+    list of Point
+        One point per family, budget and pair of bit widths (duplicates removed).
+
+    Notes
+    -----
+    Memory: A, the n × K float64 sketch and its Q, and an n × m left factor at a time. Time:
+    O(n·d·K) for the sketch and O(n·m·(m + s)) per candidate, s the sampled columns.
+    """
+    if options.method not in IN_MEMORY_METHODS or options.n_power_iter:
+        raise ParameterError(
+            f"curve_in_memory scores methods {IN_MEMORY_METHODS} without power iterations, "
+            f"not method={options.method!r} with n_power_iter={options.n_power_iter}; use plan()."
+        )
+    with one_blas_thread():
+        return _curve_in_memory(matrix, a, options, budgets=budgets, sample_cols=sample_cols)
+
+
+def _curve_in_memory(matrix, a, options, *, budgets, sample_cols):
+    shape = (int(a.shape[0]), int(a.shape[1]))
+    budgets = tuple(float(b) for b in budgets)
+    fams = _families(options, shape, a.nbytes, budgets)
+    pl = _Planner(matrix, options, None, sample_cols)
+    if options.max_rank is not None:
+        pl.k_limit = min(pl.k_limit, options.max_rank)
+    n, d = shape
+    seed = options.seed
+    info = {0: {"chunk-location": (0, 0), "array-location": [(0, n), (0, d)]}}
+    cols = pl.cols if len(pl.cols) < d else slice(None)
+    orig2 = _sumsq(a[:, cols])
+    points: dict = {}
+    for fam in fams:
+        extra = pl.extra_cols(fam)
+        want: dict = {}  # (m, B) -> [B′]
+        for b in budgets:
+            for bl, br in pl.pairs(fam):
+                try:
+                    m = min(pl.rank_for(fam, b, bl, br), pl.k_limit - extra)
+                except ParameterError:  # this pair does not fit b
+                    continue
+                if m >= 1 and br not in want.setdefault((m, bl), []):
+                    want[(m, bl)].append(br)
+        if not want:
+            continue
+        op = pl.operand(fam)
+        x = a
+        if op is not None:
+            spec = pl.residual_specs[op]
+            x = nq_residual(a, spec=spec, lo=None, hi=None, seed=seed, block_info=info)
+        k = max(m for m, _ in want) + extra
+        s = _sketch_cols(seed, 0, d, 0, k, 1 / math.sqrt(k)).astype(x.dtype)  # as the run's
+        bounds = np.cumsum((0, *pl.a.chunks[1]))  # summed over A's column blocks, as the run
+        y = sum(
+            np.matmul(x[:, c0:c1], s[c0:c1]).astype(np.float64)
+            for c0, c1 in itertools.pairwise(bounds)
+        )
+        y = da.from_array(y, chunks=(pl.a.chunks[0], -1))
+        q = orthonormalize(y).compute(scheduler="sync")  # the run's TSQR: same signs
+        xs = np.ascontiguousarray(x[:, cols])
+        norms = np.array([_sumsq(xs), orig2])
+        for (m, bl), brs in sorted(want.items()):
+            cfgs = [pl.config(fam, m, bl, br) for br in brs]
+            left = cfgs[0].left
+            basis = q[:, :m] @ basis_rotation(cfgs[0].seed, m)
+            lo = hi = None
+            if not left.is_float:
+                lo, hi = block_range(basis, spec=left)
+            lhat = quantize_rows_block(
+                basis,
+                spec=left,
+                lo=lo,
+                hi=hi,
+                seed=cfgs[0].seed,
+                codebook=local_codebook(basis, left, hi),
+                out_dtype=a.dtype,
+                block_info=info,
+            )
+            # G and P as the run's GEMMs make them: in A's precision, then float64
+            g, p = ((lhat.T @ v).astype(np.float64) for v in (lhat, xs))
+            errs = _score(g, p, None, norms, [c.right for c in cfgs])
+            for cfg, e in zip(cfgs, errs, strict=True):
+                points[(fam.label, m, bl, cfg.right.bits, fam.bits_matrix)] = Point(
+                    cfg, cfg.bits_per_entry(shape), e, fam.label, family_passes(fam.label)
+                )
+    return list(points.values())
+
+
+def _sumsq(x) -> float:
+    return float(np.einsum("ij,ij->", x, x, dtype=np.float64))

@@ -28,7 +28,7 @@ from lplr_dask.checkpoint import (  # noqa: E402
     shard_checkpoint,
 )
 from lplr_dask.checkpoint import measure as ck  # noqa: E402
-from lplr_dask.checkpoint.policy import TensorPolicy  # noqa: E402
+from lplr_dask.checkpoint.policy import Candidate, TensorPolicy  # noqa: E402
 from lplr_dask.core.params import CompressionOptions  # noqa: E402
 from lplr_dask.errors import (  # noqa: E402
     InputError,
@@ -177,6 +177,45 @@ def test_index_records_everything(tmp_path):
     assert info["summary"]["bits_per_parameter"] == pytest.approx(res.bits_per_parameter)
     assert sorted(info["files"]) == ["1_Pooling/config.json", "config.json", "tokenizer.json"]
     assert "| model.layers.0.mlp.up.weight | 128×256 | paper |" in res.table()
+
+
+def test_curve_in_memory_equals_the_tiled_curve_and_the_run(tmp_path):
+    """A tensor's curve computed in memory (NumPy, no graphs) equals the curve computed with
+    Dask on the same matrix: nq points to rounding (the same codebooks and groups), low-rank
+    points within 1e-3 (the Dask planner scales its sketch by its own, wider K: a 1e-6 change
+    of the float32 sketch moves the basis of this outlier-heavy matrix, and the error by up
+    to 5e-4; another rank, basis or quantizer is > 1e-2 away). On the canonical grid (one
+    block) a low-rank point is the real run's error."""
+    from lplr_dask import compress
+    from lplr_dask.storage.inputs import open_input
+
+    rng = np.random.default_rng(5)
+    a = (rng.standard_normal((700, 40)) @ rng.standard_normal((40, 384))).astype(np.float32)
+    a += 0.05 * rng.standard_normal(a.shape).astype(np.float32)
+    a[:, 7] *= 20  # an outlier channel
+    opts = CompressionOptions(method="nq", group_size=128, seed=3)
+
+    def key(p):
+        return (p.method, p.config.rank, p.bits_per_entry)
+
+    matrix = open_input(a, block_shape=(256, 128), group_size=128)
+    with ck.local_scheduler():
+        tiled = {key(p): p for p in ck.planner_curve(matrix, opts, budgets=[2.0, 3.0, 4.0])}
+        mem = {key(p): p for p in ck.planner_curve(matrix, opts, budgets=[2.0, 3.0, 4.0], array=a)}
+    assert set(tiled) == set(mem) and {k[0] for k in mem} == {"nq", "lplr", "nq+lplr"}
+    for k, p in tiled.items():
+        err = mem[k].estimated_rel_error
+        assert err == pytest.approx(p.estimated_rel_error, rel=1e-6 if k[0] == "nq" else 1e-3), k
+
+    matrix = open_input(a, group_size=128)  # the canonical grid, as compress() opens it
+    with ck.local_scheduler():
+        point = next(
+            p for p in ck.planner_curve(matrix, opts, budgets=[4.0], array=a) if p.method == "lplr"
+        )
+        cand = Candidate.from_config(point.config, a.shape)
+        res = compress(a, tmp_path / "o.zarr", cand.options, seed=3)
+    assert res.rank == point.config.rank
+    assert point.estimated_rel_error == pytest.approx(res.rel_fro_error, rel=1e-6)
 
 
 def test_staged_path_gives_the_same_codes(tmp_path, monkeypatch):

@@ -206,3 +206,14 @@ def test_candidate_from_config_reproduces_the_planners_point(fields):
     assert cand.options.resolve(shape) == cfg
     assert Candidate.from_config(cand.options.resolve(shape), shape).key == cand.key
     assert Candidate.from_dict(cand.to_dict()) == cand
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_candidate_of_a_planner_point_ignores_the_seed(seed):
+    """A planner point carries the tensor's seed; its candidate does not (compress_tensor
+    passes the entry's seed): any seed maps to the same candidate, never to none (auto
+    would lose every point of a checkpoint planned with seed != 0)."""
+    cfg = CompressionOptions(method="lplr", rank=8, bits_left=4, bits_right=4, seed=seed)
+    cand = Candidate.from_config(cfg.resolve((700, 384)), (700, 384))
+    assert cand is not None and cand.key == "lplr-r8-bl4-br4-g128"
+    assert cand.options.seed == 0

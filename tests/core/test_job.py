@@ -224,3 +224,69 @@ def test_killed_run_without_resume_leaves_nothing_for_the_next_writer(tmp_path, 
     assert (left / "stages" / "sketch.json").is_file()
     check_output_path(out, overwrite=False)
     assert not _work_dirs(out) and not out.exists()
+
+
+@pytest.mark.parametrize("block_shape", [(512, 256), (128, 256)], ids=["blocks", "short-blocks"])
+def test_budget_run_takes_the_planners_basis_and_resumes_without_the_planner(
+    tmp_path, decaying_zarr, block_shape
+):
+    """The plan stage stores the planner's orthonormal basis (cut to the chosen rank, in the
+    row blocks of the job's own QR); the basis stage does no QR of its own; a run resumed
+    after ``plan`` reads that basis back and writes the same codes; the codes match a run of
+    the same configuration given directly up to rounding. Short row blocks (128 rows, fewer
+    than the planner's sketch is wide) make its QR re-block the rows; the job restores its
+    own blocks."""
+    kw = dict(budget=1.0, seed=2, block_shape=block_shape)
+    ref = compress(decaying_zarr, tmp_path / "ref.zarr", **kw)
+    assert "orthonormalize" not in ref.stage_seconds
+    direct = compress(
+        decaying_zarr,
+        tmp_path / "direct.zarr",
+        rank=ref.rank,
+        bits_left=ref.bits_left,
+        bits_right=ref.bits_right,
+        seed=2,
+        block_shape=block_shape,
+    )
+    assert "orthonormalize" in direct.stage_seconds
+    # The same subspace up to rounding; the basis's columns past the signal's rank 40 span
+    # noise, which rounding rotates: the errors agree to a few parts in 10³ (a wrong basis
+    # would miss by far more), as with the planner's sketch handed over before.
+    assert ref.rel_fro_error == pytest.approx(direct.rel_fro_error, rel=5e-3)
+
+    out = tmp_path / "out.zarr"
+    job = CompressionJob.create(decaying_zarr, out, CompressionOptions(**kw), resume=True)
+    job.open()
+    job.run_stage("plan")  # the process dies here
+    (work,) = _work_dirs(out)
+    handed = json.loads((work / "stages" / "plan.json").read_text())["values"]["sketch"]
+    assert "Q" in handed and "Y" not in handed
+    again = CompressionJob.create(decaying_zarr, out, CompressionOptions(**kw), resume=True)
+    assert again.open() == ["plan"]
+    res = again.run()
+    assert res.reused_stages == ["plan"]
+    assert group_digest(out) == group_digest(tmp_path / "ref.zarr")
+    assert res.rel_fro_error == pytest.approx(ref.rel_fro_error, rel=1e-12)
+
+
+@pytest.mark.parametrize("method", ["lplr", "dsvd"])
+def test_no_rank_by_rank_matrix_travels_in_a_task_graph(tmp_path, decaying, client, method):
+    """G, G⁺ and the dsvd transform (m × m, 720 kB at m = 300) are read on the workers: with
+    the large-graph warning lowered to half of one of them, no graph sent to the cluster
+    triggers it (before, the projection embedded G and G⁺ in its graph: at m ≈ 1200 Dask
+    warned "Sending large graph" at its default 10 MB)."""
+    import warnings
+
+    import dask
+
+    rank = 300
+    src = write_zarr(tmp_path / "A.zarr", decaying, (300, 256))
+    with (
+        dask.config.set({"distributed.admin.large-graph-warning-threshold": "360kB"}),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        res = compress(src, tmp_path / "o.zarr", method=method, rank=rank, seed=2)
+    assert res.rank == rank
+    large = [str(w.message) for w in caught if "Sending large graph" in str(w.message)]
+    assert not large, large
