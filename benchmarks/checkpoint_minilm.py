@@ -213,10 +213,16 @@ def main(argv=None) -> int:
                 scratch = work / "scratch" / tag
                 shutil.rmtree(scratch, ignore_errors=True)
                 t0 = time.perf_counter()
+                steps: dict = {}  # step -> seconds from t0 to its last tensor
+
+                def on_tensor(event, steps=steps, t0=t0):
+                    steps[event["step"]] = time.perf_counter() - t0
+
                 try:
                     res = compress_checkpoint(
-                        src, dst, budget=b, method=method, work_dir=scratch, overwrite=True
-                    )
+                        src, dst, budget=b, method=method, work_dir=scratch, overwrite=True,
+                        on_tensor=on_tensor,
+                    )  # fmt: skip
                 except ParameterError as exc:
                     rows[method, b] = None
                     print(f"{method} at {b:g}: infeasible ({exc})", file=sys.stderr)
@@ -238,7 +244,8 @@ def main(argv=None) -> int:
                 results[method, b] = res
                 print(
                     f"{method} at {b:g}: {wall:.1f} s, cos {cos:.4f}, NN@10 {nn:.3f}, "
-                    f"{res.bits_per_parameter:.3f} bits/param, rel. error {rel:.4f}",
+                    f"{res.bits_per_parameter:.3f} bits/param, rel. error {rel:.4f}; last "
+                    + ", ".join(f"{k} at {v:.1f} s" for k, v in steps.items()),
                     file=sys.stderr,
                 )
                 shutil.rmtree(out, ignore_errors=True)

@@ -683,8 +683,8 @@ class CompressionJob:
         est_err2 = solve_and_quantize(
             _load(work, v["W"]),
             _load(work, v["T"]),
-            np.load(work / "psi-lhat.npy"),
-            np.load(work / "gamma-lhat.npy"),
+            npy_array(work / "psi-lhat.npy"),  # Ψ·L̂ and Γ·L̂ are read on the workers:
+            npy_array(work / "gamma-lhat.npy"),  # no ℓ × m matrix in the graph
             right,
             rwriter,
             seed=cfg.seed,

@@ -316,19 +316,33 @@ def _ranges_here(x, spec, lo, hi):
     return asarray_like(lo, x), asarray_like(hi, x), False
 
 
-def _panel_values(w, *, coef):
+def _check_one_block(x, what: str) -> None:
+    if not isinstance(x, da.Array) or x.npartitions != 1:
+        raise ParameterError(
+            f"{what} must be a one-block Dask array (loaded or built on a worker, such as "
+            "lplr_dask.core.methods.npy_array), so that it does not travel in the task graph; "
+            f"got {type(x).__name__}."
+        )
+
+
+def _pinv(psi_l):
+    """(Ψ·L̂)⁺ with ``numpy.linalg.lstsq``'s cutoff: singular values below ℓ·eps·σ_max are
+    treated as zero."""
+    return np.linalg.pinv(psi_l, rcond=max(psi_l.shape) * np.finfo(np.float64).eps)
+
+
+def _panel_values(coef, w):
     return asarray_like(coef, w) @ w
 
 
-def _panel_finish(
-    w, t, *, coef, gamma_l, spec, lo, hi, seed, writer, codebook=None, block_info=None
-):
+def _panel_finish(w, t, cols, coef, gamma_l, *, spec, lo, hi, seed, writer, col_bounds, codebook):
     """R_j = coef·W_j, quantized (dither keyed by the panel, as the two-pass R), written;
-    returns [‖T_j − (Γ·L̂)·R̂_j‖²]."""
+    returns [‖T_j − (Γ·L̂)·R̂_j‖²]. ``cols``: the panel's column numbers (the first locates it
+    among ``col_bounds``)."""
     xp = array_namespace(w)
-    col0 = block_info[0]["array-location"][1][0]
-    j = block_info[0]["chunk-location"][1]
-    r = _panel_values(w, coef=coef)
+    col0 = int(to_numpy(cols[:1])[0])
+    j = int(np.searchsorted(col_bounds, col0, side="right")) - 1
+    r = _panel_values(coef, w)
     rng = block_generator(seed, STREAM_DITHER_RIGHT, j) if spec.rounding == "stochastic" else None
     lo_b, hi_b, local = _ranges_here(r, spec, lo, hi)
     codes = encode(r, spec, lo_b, hi_b, rng, codebook)
@@ -341,8 +355,8 @@ def _panel_finish(
 def solve_and_quantize(
     w: da.Array,
     t: da.Array,
-    psi_l: np.ndarray,
-    gamma_l: np.ndarray,
+    psi_l: da.Array,
+    gamma_l: da.Array,
     spec: QuantizerSpec,
     writer,
     *,
@@ -356,19 +370,31 @@ def solve_and_quantize(
     ----------
     w, t : dask.array.Array
         W = Ψ·A (ℓ × d) and T = Γ·A (q × d) in the same column panels.
-    psi_l, gamma_l : numpy.ndarray
-        Ψ·L̂ (ℓ × m) and Γ·L̂ (q × m), float64.
+    psi_l, gamma_l : dask.array.Array
+        Ψ·L̂ (ℓ × m) and Γ·L̂ (q × m), float64, each a one-block Dask array loaded or built
+        on a worker (such as :func:`lplr_dask.core.methods.npy_array`): the pseudo-inverse
+        (Ψ·L̂)⁺ is computed from Ψ·L̂ in one task, and every panel's task takes both from the
+        workers, so no ℓ × m or q × m matrix is embedded in a task graph.
     spec : QuantizerSpec
         R's quantizer. Ranges that span panels (``tensor``, ``row``) and a fitted codebook
         are reduced over R's float values kept on the workers first, as in the two-pass
         projection.
     writer
         R's factor writer (:func:`lplr_dask.storage.format.create_factor`).
+    seed : int
+        Keys the dither of stochastic rounding (per panel).
+    stages : Stages
+        Runs the stages (``solve`` and, for shared ranges, ``right-ranges``).
 
     Returns
     -------
     float
         ‖T − (Γ·L̂)·R̂‖²_F.
+
+    Raises
+    ------
+    ParameterError
+        If ``psi_l`` or ``gamma_l`` is not a one-block Dask array.
 
     Notes
     -----
@@ -376,35 +402,60 @@ def solve_and_quantize(
     (``numpy.linalg.lstsq``'s rule): the minimum-norm solution when a coarse quantizer made
     columns of L̂ collinear. Cost: m·ℓ·d multiply-adds; memory: one m × d_j panel per task.
     """
-    coef = np.linalg.pinv(psi_l, rcond=max(psi_l.shape) * np.finfo(np.float64).eps)
+    _check_one_block(psi_l, "psi_l")
+    _check_one_block(gamma_l, "gamma_l")
+    ell, m = psi_l.shape
+    coef = da.map_blocks(_pinv, psi_l, chunks=((m,), (ell,)), dtype=np.float64)
     lo = hi = codebook = None
     spans = spec.granularity in ("tensor", "row")
     if not spec.is_float and (spans or spec.stores_codebook):
-        r_float = da.map_blocks(
-            _panel_values, w, coef=coef, chunks=((coef.shape[0],), w.chunks[1]), dtype=np.float64
+        # R_j = coef·W_j: index y (coef's m rows) out, i (ℓ, one block) contracted.
+        r_float = da.blockwise(
+            _panel_values,
+            "yj",
+            coef,
+            "yi",
+            w,
+            "ij",
+            dtype=np.float64,
+            meta=meta_from_array(w, ndim=2, dtype=np.float64),
+            concatenate=True,
         )
-        (r_float,) = stages.persist("solve", r_float)
+        # (Ψ·L̂)⁺ kept on the workers too: the panels' second reading does not redo the SVD.
+        r_float, coef = stages.persist("solve", r_float, coef)
         lo, hi, codebook = shared_state(r_float, spec, writer, stages, "right", spans=spans)
-    stats = da.map_blocks(
+    cols = da.arange(w.shape[1], chunks=(w.chunks[1],))  # column numbers, made on the workers
+    # (indices x, y, z, u, v: one block each, handed whole to every panel's task)
+    stats = da.blockwise(
         _panel_finish,
+        "ij",
         w,
+        "ij",
         t,
-        coef=coef,
-        gamma_l=gamma_l,
+        "xj",
+        cols,
+        "j",
+        coef,
+        "yz",
+        gamma_l,
+        "uv",
+        adjust_chunks={"i": 1, "j": 1},
+        dtype=np.float64,
+        meta=np.empty((0, 0)),
+        concatenate=True,
         spec=spec,
         lo=lo,
         hi=hi,
         seed=seed,
         writer=writer,
+        col_bounds=np.cumsum((0, *w.chunks[1])),
         codebook=codebook,
-        chunks=((1,), (1,) * w.numblocks[1]),
-        dtype=np.float64,
     )
     (s,) = stages.compute("solve", stats)
     return float(to_numpy(s).sum())
 
 
-def _residual_sumsq(t, r, *, gamma_l):
+def _residual_sumsq(t, r, gamma_l):
     xp = array_namespace(t)
     resid = t - asarray_like(gamma_l, t) @ r.astype(np.float64)
     return to_numpy(xp.sum(resid * resid)).reshape(1, 1)
@@ -431,15 +482,22 @@ def stored_estimate(
         meta=meta_from_array(left),
         streams=(STREAM_ERROR_TEST,),
     )
-    (gl,) = stages.compute("check-codes", left_multiply(left, gamma_t))
+    # Γ·L̂ (q × m) stays on the workers: one block, handed whole to every panel's task.
+    gl = left_multiply(left, gamma_t).rechunk((-1, -1))
     right = right.rechunk({0: -1, 1: t.chunks[1]})
-    parts = da.map_blocks(
+    parts = da.blockwise(
         _residual_sumsq,
+        "ij",
         t,
+        "ij",
         right,
-        gamma_l=to_numpy(gl),
-        chunks=((1,), (1,) * t.numblocks[1]),
+        "kj",
+        gl,
+        "xy",
+        adjust_chunks={"i": 1, "j": 1},
         dtype=np.float64,
+        meta=np.empty((0, 0)),
+        concatenate=True,
     )
     (s,) = stages.compute("check-codes", parts)
     return float(to_numpy(s).sum())

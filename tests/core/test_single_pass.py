@@ -157,6 +157,51 @@ def test_same_codes_on_a_cluster_and_different_seeds_differ(tmp_path, tail_heavy
         assert other[key] != threaded[key]
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [dict(), dict(group_size=0, bits_left=4, bits_right=5)],
+    ids=["group-ranges", "row-ranges"],
+)
+def test_no_coefficient_matrix_travels_in_a_task_graph(tmp_path, decaying, client, kw):
+    """Ψ·L̂, (Ψ·L̂)⁺ and Γ·L̂ are read or computed on the workers. At m = 300 on 1200 rows
+    (ℓ = min(4m + 1, n) = 1200), (Ψ·L̂)⁺ is 300 × 1200 float64 (2.9 MB) and Γ·L̂ 10 × 300
+    (24 kB). With the large-graph warning lowered to 20 kB no graph sent to the cluster
+    triggers it; the largest graphs of these runs are about 8 kB (the row ranges'
+    lo and hi, 2 × m values, included). Before, the projection embedded (Ψ·L̂)⁺ and Γ·L̂
+    (graphs of 2.8 MB; twice with ranges that span panels) and the verify stage's check
+    Γ·L̂ from the stored codes (27 kB)."""
+    import warnings
+
+    import dask
+
+    rank = 300
+    src = write_zarr(tmp_path / "A.zarr", decaying, (300, 256))
+    with (
+        dask.config.set({"distributed.admin.large-graph-warning-threshold": "20kB"}),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        res = compress(src, tmp_path / "o.zarr", rank=rank, passes=1, seed=2, **kw)
+    assert res.rank == rank and res.error_is_estimate
+    large = [str(w.message) for w in caught if "Sending large graph" in str(w.message)]
+    assert not large, large
+
+
+def test_projection_refuses_a_coefficient_matrix_held_by_the_driver():
+    """A NumPy Ψ·L̂ or Γ·L̂ would be embedded in the projection's graph: refused."""
+    import dask.array as da
+
+    from lplr_dask.core.engine import Stages
+    from lplr_dask.core.single_pass import solve_and_quantize
+
+    w = da.zeros((41, 64), chunks=(41, 32))
+    t = da.zeros((ERROR_TEST_ROWS, 64), chunks=(ERROR_TEST_ROWS, 32))
+    psi_l, gamma_l = np.zeros((41, 8)), np.zeros((ERROR_TEST_ROWS, 8))
+    for args in ((psi_l, da.from_array(gamma_l)), (da.from_array(psi_l), gamma_l)):
+        with pytest.raises(ParameterError, match="one-block Dask array"):
+            solve_and_quantize(w, t, *args, None, None, seed=0, stages=Stages())
+
+
 def test_left_factor_is_the_two_pass_left_factor(tmp_path, tail_zarr):
     """The single pass computes Y exactly as the sketch pass does (same stream, same per-tile
     GEMM, same reduction tree), so L̂ is byte-identical and only R differs."""
