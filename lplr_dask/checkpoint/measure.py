@@ -59,7 +59,7 @@ __all__ = [
 
 DEFAULT_STAGE_THRESHOLD = 256 * 2**20
 
-CURVE_VERSION = "planner-b4-r4-2"
+CURVE_VERSION = "planner-b4-r4-3"
 """Names the estimator behind :func:`planner_curve`; estimates made by another are redone."""
 
 NQ_CURVE_BITS = tuple(range(1, 9))
@@ -78,6 +78,12 @@ costs more than the compression; the low-rank methods win at low ranks (decaying
 STANDIN_LOW_RANK = (("lplr", 4, 4), ("nq+lplr", 4, 4))
 """The low-rank candidates asked of the planner: (method, B, B′) at every curve budget, B and
 B′ fixed so that it scores one (B, B′) pair per budget."""
+
+MIN_RESIDUAL_BITS = 2
+"""``nq+lplr`` points of a curve quantize A with B_nq = ⌊b⌋ − 1 bits at each budget b, and at
+least this many: after 1-bit codes the residual keeps most of A (MiniLM's word embedding:
+``nq+lplr`` at 2 bits per entry 0.74–0.76 relative error against 0.37 for ``nq`` at 2.1), such
+points were never chosen, and their residual, sketch and QR were a third of the curve's cost."""
 
 
 def safe_name(name: str) -> str:
@@ -366,9 +372,10 @@ def planner_curve(
     here on a seeded sample of whole scale groups (exact on it; one pass over the sample);
     the low-rank points come from :func:`lplr_dask.core.planner.plan` with ``budgets`` (one
     sketch per call, every budget), for ``lplr`` and ``nq+lplr`` with B = B′ = 4
-    (:data:`STANDIN_LOW_RANK`) and ranks up to min(n, d) / :data:`CURVE_RANK_DIVISOR`: a cheap
-    subset while the planner's full ``auto`` search costs more per tensor than the
-    compression. Widening it to every family and bit width is
+    (:data:`STANDIN_LOW_RANK`; B_nq from :data:`MIN_RESIDUAL_BITS`) and ranks up to
+    min(n, d) / :data:`CURVE_RANK_DIVISOR`: a cheap subset while the planner's full ``auto``
+    search costs more per tensor than the compression. Widening it to every family and bit
+    width is
     ``plan(matrix, replace(options, method="auto", budget=max(budgets)), budgets=budgets)``.
     With ``array`` (the matrix in memory) the same points come from
     :func:`lplr_dask.core.planner.curve_in_memory`: NumPy in this thread, no Dask graph.
@@ -382,10 +389,16 @@ def planner_curve(
     points = _nq_points(matrix, options, sample_cols=sample_cols, array=array)
     budgets = sorted({float(x) for x in budgets})
     cap = max(1, min(matrix.shape) // CURVE_RANK_DIVISOR)
+    asks = []
     for method, bl, br in STANDIN_LOW_RANK:
+        bms = [None]
+        if method == "nq+lplr":
+            bms = sorted({max(MIN_RESIDUAL_BITS, int(b) - 1) for b in budgets})
+        asks += [(method, bl, br, bm) for bm in bms]
+    for method, bl, br, bm in asks:
         opts = replace(
             options, method=method, budget=max(budgets), rank=None, bits_left=bl,
-            bits_right=br, bits_matrix=None, max_rank=cap,
+            bits_right=br, bits_matrix=bm, max_rank=cap,
         )  # fmt: skip
         if array is not None:
             curve = curve_in_memory(matrix, array, opts, budgets=budgets, sample_cols=sample_cols)
