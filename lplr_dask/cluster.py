@@ -9,7 +9,7 @@ import dask
 
 from lplr_dask.errors import ParameterError
 
-__all__ = ["KEEP_MALLOC_DEFAULTS", "READ_AHEAD_THREADS", "dask_client"]
+__all__ = ["KEEP_MALLOC_DEFAULTS", "NANNY_KEEP_MALLOC_ENV", "READ_AHEAD_THREADS", "dask_client"]
 
 
 READ_AHEAD_THREADS = 1
@@ -29,6 +29,14 @@ anew: measured here, the planner's curve of one 1536 × 384 weight took 8.5–10
 against 3.3–4.5 s in the driver, and 8.9–9.5 s in the driver with the variable set (no other
 difference). Large arrays (above glibc's dynamic threshold, at most 32 MiB) are still mapped and
 returned at once."""
+
+NANNY_KEEP_MALLOC_ENV = {
+    "DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON": '{"MALLOC_TRIM_THRESHOLD_": None}'
+}
+"""The same for workers started outside this process (``dask worker``, ``dask cuda worker``,
+the SLURM and Kubernetes recipes in deploy/): this environment variable, set where the worker
+command runs, merges into Dask's ``distributed.nanny.pre-spawn-environ`` and unsets only
+``MALLOC_TRIM_THRESHOLD_`` (the nannies still set ``OMP_NUM_THREADS=1`` and the like)."""
 
 
 def _default_workers() -> tuple[int, int]:

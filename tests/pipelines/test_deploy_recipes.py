@@ -20,6 +20,8 @@ from pathlib import Path
 
 import pytest
 
+from lplr_dask.cluster import NANNY_KEEP_MALLOC_ENV
+
 yaml = pytest.importorskip("yaml")
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,6 +151,15 @@ def test_cpu_job_script(launcher, sections):
     assert set(opts) <= _click_options("dask_worker"), set(opts) - _click_options("dask_worker")
     # processes is passed explicitly, so dask-jobqueue knows each job holds two workers
     assert spec["group"] == ["-0", "-1"]
+    _assert_keeps_malloc(script)
+
+
+def _assert_keeps_malloc(script: str) -> None:
+    """The job script exports NANNY_KEEP_MALLOC_ENV before the worker command."""
+    ((name, value),) = NANNY_KEEP_MALLOC_ENV.items()
+    lines = script.splitlines()
+    at = lines.index(f"export {name}={shlex.quote(value)}")
+    assert at < next(i for i, line in enumerate(lines) if "dask_" in line or "dask " in line)
 
 
 # `dask cuda worker` options in dask-cuda 26.10 (dask_cuda/cli.py), which cannot be imported
@@ -182,6 +193,7 @@ def test_gpu_job_script(launcher, sections):
     assert gpus * parse_bytes(opts["--memory-limit"]) < parse_bytes("64GiB")
     assert set(opts) <= DASK_CUDA_WORKER_OPTIONS, set(opts) - DASK_CUDA_WORKER_OPTIONS
     assert "group" not in spec  # one worker per job
+    _assert_keeps_malloc(script)
 
 
 def test_interface_reaches_the_workers(launcher, sections):
@@ -276,6 +288,9 @@ exec "$@"
 """
 FAKE_DASK = """#!/usr/bin/env bash
 echo "dask $*" >> "$FAKE_LOG"
+if [[ $1 != scheduler ]]; then
+    echo "env PRE_SPAWN_ENVIRON=${DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON-}" >> "$FAKE_LOG"
+fi
 if [[ $1 == scheduler ]]; then
     while [[ $# -gt 0 ]]; do
         [[ $1 == --scheduler-file ]] && echo '{"address": "tcp://10.1.2.3:8786"}' > "$2"
@@ -341,6 +356,13 @@ def test_sbatch_cpu_run_with_stand_in_commands(tmp_path):
     )
     assert set(_options(log[0].split()[2:])) <= _click_options("dask_scheduler")
     assert set(_options(log[2].split()[2:])) <= _click_options("dask_worker")
+    # the workers keep glibc's malloc thresholds, unless the user set the variable
+    (keep,) = NANNY_KEEP_MALLOC_ENV.values()
+    assert log[3] == f"env PRE_SPAWN_ENVIRON={keep}"
+    mine = '{"OMP_NUM_THREADS": 2}'
+    (tmp_path / "again").mkdir()
+    _, log = _run_sbatch(tmp_path / "again", DASK_DISTRIBUTED__NANNY__PRE_SPAWN_ENVIRON=mine)
+    assert log[3] == f"env PRE_SPAWN_ENVIRON={mine}"
 
 
 def test_sbatch_cuda_run_with_stand_in_commands(tmp_path):
@@ -697,3 +719,47 @@ def test_readme_names_every_recipe():
         "tests/pipelines/test_deploy_recipes.py",
     ):
         assert f in text, f
+
+
+def test_kubernetes_workers_keep_malloc_thresholds():
+    cluster, group = _docs("dask-cluster.yaml")
+    ((name, value),) = NANNY_KEEP_MALLOC_ENV.items()
+    for spec in (cluster["spec"]["worker"]["spec"], group["spec"]["worker"]["spec"]):
+        env = {e["name"]: e.get("value") for e in _container(spec, "worker")["env"]}
+        assert env[name] == value
+
+
+def test_the_recipes_variable_keeps_malloc_thresholds_in_a_real_worker():
+    """What the recipes export reaches a real `dask worker` (with its nanny): the worker process
+    has no MALLOC_TRIM_THRESHOLD_, and still the nanny's one-thread settings; without it, Dask
+    sets the threshold (so the test would notice a Dask that stopped doing so, too)."""
+    from distributed import Client, LocalCluster
+
+    def worker_env(extra):
+        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")} | extra
+        with LocalCluster(n_workers=0, dashboard_address=None, host="127.0.0.1") as lc:
+            with Client(lc) as client:
+                argv = [sys.executable, "-m", "distributed.cli.dask_worker", lc.scheduler_address,
+                        "--nworkers", "1", "--nthreads", "1", "--no-dashboard",
+                        "--host", "127.0.0.1"]  # fmt: skip
+                proc = subprocess.Popen(
+                    argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+                )
+                try:
+                    client.wait_for_workers(1, timeout=60)
+                    (got,) = client.run(
+                        lambda: {
+                            k: os.environ.get(k)
+                            for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")
+                        }
+                    ).values()
+                finally:
+                    proc.terminate()
+                    proc.wait(timeout=30)
+        return got
+
+    assert worker_env(NANNY_KEEP_MALLOC_ENV) == {
+        "MALLOC_TRIM_THRESHOLD_": None,
+        "OMP_NUM_THREADS": "1",
+    }
+    assert worker_env({})["MALLOC_TRIM_THRESHOLD_"] is not None
