@@ -39,9 +39,10 @@ of a grid. The choice is always an exactly scored point. Pairs whose rank exceed
 are estimated with the tail's chord over its last K/8 ranks, extended (below a convex tail:
 optimistic); those whose scaled estimate is above the best error found are pruned, and only
 otherwise is the sketch extended by the missing columns (one more pass, prefix property).
-``--max-error E`` doubles the budget until an estimate meets E, then bisects the budget (the
-error is monotone in it). ``exhaustive=True`` scores every pair (the test of the screen
-compares the two).
+``--max-error E`` doubles the budget until an estimate meets E; the screen's model, calibrated
+on that point, then places the budget, and exact searches just below and above the guess
+confirm it (bisection, the error being monotone in the budget, if they do not).
+``exhaustive=True`` scores every pair (the test of the screen compares the two).
 
 **Memory guard.** The sketch is n × K float64 on the workers (per operand): K is at most
 ``min(n, d) − 1`` and at most :data:`PLAN_SKETCH_BYTES` / (8 n). Ranks above the guard are
@@ -1160,8 +1161,10 @@ class _Planner:
         )
 
     def search_error(self, fam: _Family, max_error: float, b0: float) -> Point | None:
-        """The fewest bits of ``fam`` with an estimate ≤ max_error: double the budget from b0
-        until one meets it, then bisect the budget."""
+        """The fewest bits of ``fam`` with an estimate ≤ max_error, to 1/64 of the budget:
+        double the budget from b0 until one meets it; then the screen's model, calibrated on
+        that exact point, places the budget between (:meth:`_modelled_budget`), and exact
+        searches just below and above the guess close the bracket (bisection if they miss)."""
         lo, hi, found = 0.0, b0, None
         limit = 32.0
         while hi <= limit:
@@ -1175,14 +1178,62 @@ class _Planner:
         if found is None:
             return None
         lo = max(lo, hi / 2) if lo else hi / 8
-        for _ in range(5):
+        step = hi / 64  # the precision of the five halvings this replaces
+
+        def meets(b):
+            p = self.search_budget(fam, b)
+            return p if p is not None and p.estimated_rel_error <= max_error else None
+
+        if fam.method not in ("nq", "paper") and hi - lo > 2 * step:
+            guess = self._modelled_budget(fam, max_error, lo, hi, found)
+            if lo < guess < hi:
+                p = meets(guess)
+                if p is not None:
+                    hi, found = guess, p
+                    if guess - step > lo and meets(guess - step) is None:
+                        lo = guess - step
+                else:
+                    lo = guess
+                    if guess + step < hi and (p := meets(guess + step)) is not None:
+                        hi, found = guess + step, p
+        while hi - lo > step:
             mid = (lo + hi) / 2
-            p = self.search_budget(fam, mid)
-            if p is not None and p.estimated_rel_error <= max_error:
+            p = meets(mid)
+            if p is not None:
                 hi, found = mid, p
             else:
                 lo = mid
         return found
+
+    def _modelled_budget(self, fam: _Family, max_error: float, lo, hi, ref: Point) -> float:
+        """The budget in (lo, hi] at which the screen's estimate of ``fam``'s best pair, scaled
+        by exact/modelled at ``ref`` (a scored point that meets max_error), meets it: a
+        bisection on the model alone (no exact score, no pass over A)."""
+        span = min(self.k, self.k_limit)
+        _, left, right = ref.config.low_rank()
+        at = (ref.config.rank, left.bits, right.bits)
+        model = self.modelled(fam, [at], span)[at]
+        scale = ref.estimated_rel_error / model if model > 0 else 1.0
+
+        def best(b) -> float:
+            cands = []
+            for bl, br in self.pairs(fam):
+                try:
+                    m = self.rank_for(fam, b, bl, br)
+                except ParameterError:
+                    continue
+                if m >= 1:
+                    cands.append((m, bl, br))
+            est = self.modelled(fam, cands, span)
+            return min(est.values(), default=math.inf) * scale
+
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            if best(mid) <= max_error:
+                hi = mid
+            else:
+                lo = mid
+        return hi
 
 
 def fam_seed(options):

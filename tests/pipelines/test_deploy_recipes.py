@@ -736,7 +736,13 @@ def test_the_recipes_variable_keeps_malloc_thresholds_in_a_real_worker():
     from distributed import Client, LocalCluster
 
     def worker_env(extra):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("DASK_")} | extra
+        # a fresh shell's environment: no Dask settings, and no MALLOC_TRIM_THRESHOLD_ (an
+        # in-process nanny of an earlier test may have left it in this process's environment)
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if not k.startswith("DASK_") and k != "MALLOC_TRIM_THRESHOLD_"
+        } | extra
         with LocalCluster(n_workers=0, dashboard_address=None, host="127.0.0.1") as lc:
             with Client(lc) as client:
                 argv = [sys.executable, "-m", "distributed.cli.dask_worker", lc.scheduler_address,
