@@ -353,6 +353,7 @@ def _nq_points(
             c.bits_per_entry(matrix.shape),
             float(np.sqrt(sums[i + 1] / norm2)) if norm2 > 0 else 0.0,
             "nq",
+            1,  # nq reads A once
         )
         for i, c in enumerate(configs)
     ]
@@ -395,30 +396,28 @@ def planner_curve(
         if method == "nq+lplr":
             bms = sorted({max(MIN_RESIDUAL_BITS, int(b) - 1) for b in budgets})
         asks += [(method, bl, br, bm) for bm in bms]
+    low_rank = []  # the planner's Points
     for method, bl, br, bm in asks:
         opts = replace(
             options, method=method, budget=max(budgets), rank=None, bits_left=bl,
             bits_right=br, bits_matrix=bm, max_rank=cap,
         )  # fmt: skip
         if array is not None:
-            curve = curve_in_memory(matrix, array, opts, budgets=budgets, sample_cols=sample_cols)
-            points += [
-                CurvePoint(p.config, p.bits_per_entry, p.estimated_rel_error, p.method, p.passes)
-                for p in curve
-            ]
+            low_rank += curve_in_memory(
+                matrix, array, opts, budgets=budgets, sample_cols=sample_cols
+            )
             continue
         for group in (budgets, *([b] for b in budgets)):  # all at once; one by one if refused
             try:
-                curve = plan(matrix, opts, budgets=group, sample_cols=sample_cols).curve
+                low_rank += plan(matrix, opts, budgets=group, sample_cols=sample_cols).curve
             except ParameterError:  # some budget does not fit this method on this shape
                 continue
-            points += [
-                CurvePoint(p.config, p.bits_per_entry, p.estimated_rel_error, p.method, p.passes)
-                for p in curve
-            ]
             if group is budgets:
                 break
-    return points
+    return points + [
+        CurvePoint(p.config, p.bits_per_entry, p.estimated_rel_error, p.method, p.passes)
+        for p in low_rank
+    ]
 
 
 def _curve_id(budgets, group_size) -> str:

@@ -25,6 +25,7 @@ from dask.highlevelgraph import HighLevelGraph
 from distributed.diagnostics.plugin import WorkerPlugin
 from threadpoolctl import ThreadpoolController, threadpool_limits
 
+from lplr_dask.errors import ParameterError
 from lplr_dask.kernels.codebooks import fit_lloyd
 from lplr_dask.kernels.packing import decode_float, encode_float
 from lplr_dask.kernels.quantize import (
@@ -493,8 +494,7 @@ def _panel_finish(
     """Compute R_j, quantize it, write it; return [⟨R̂_j, P_j⟩, ⟨R̂_j, G R̂_j⟩]. ``cols``: the
     panel's column numbers (the first locates it among ``col_bounds``)."""
     xp = array_namespace(p)
-    col0 = int(to_numpy(cols[:1])[0])
-    j = int(np.searchsorted(col_bounds, col0, side="right")) - 1
+    col0, j = panel_of(cols, col_bounds)
     r = _panel_values(p, extra, coef, mode=mode)
     rng = block_generator(seed, STREAM_DITHER_RIGHT, j) if spec.rounding == "stochastic" else None
     lo_b, hi_b, local = _local_ranges(r, spec, lo, hi)
@@ -506,12 +506,22 @@ def _panel_finish(
     return to_numpy(stats).reshape(1, 2)
 
 
-def _check_one_block(x, what: str) -> None:
+def check_one_block(x, what: str) -> None:
+    """Refuse a small matrix that a panel kernel would take from the driver: it must be a
+    one-block Dask array (loaded or built on a worker), or it would travel in the task graph."""
     if not isinstance(x, da.Array) or x.npartitions != 1:
-        raise TypeError(
-            f"{what} must be a one-block Dask array (built or loaded on a worker, such as "
-            "lplr_dask.core.methods.npy_array), so that it does not travel in the task graph"
+        raise ParameterError(
+            f"{what} must be a one-block Dask array (loaded or built on a worker, such as "
+            "lplr_dask.core.methods.npy_array), so that it does not travel in the task graph; "
+            f"got {type(x).__name__}."
         )
+
+
+def panel_of(cols, col_bounds) -> tuple[int, int]:
+    """(first column, panel index) of a column panel, from its column numbers ``cols`` (a
+    block of ``da.arange``: blockwise kernels get no ``block_info``) and the panels' bounds."""
+    col0 = int(to_numpy(cols[:1])[0])
+    return col0, int(np.searchsorted(col_bounds, col0, side="right")) - 1
 
 
 def project_and_quantize(
@@ -540,8 +550,8 @@ def project_and_quantize(
     R's float values first: they are kept on the workers (m × d float64, small next to A),
     reduced to ranges and the codebook, then quantized (still one pass over A).
     """
-    _check_one_block(g, "g")
-    _check_one_block(coef, "coef")
+    check_one_block(g, "g")
+    check_one_block(coef, "coef")
     p = left_multiply(a, lhat)
     extra = given if given is not None else p
     lo = hi = codebook = None

@@ -672,6 +672,18 @@ class _Planner:
             )
         return self.cache[key]
 
+    def ranks(self, fam, b) -> dict:
+        """{(B, B′): m} for every pair of ``fam``'s grid with a rank m ≥ 1 within budget b."""
+        out = {}
+        for bl, br in self.pairs(fam):
+            try:
+                m = self.rank_for(fam, b, bl, br)
+            except ParameterError:  # e.g. quantizer "sign" with more than 1 bit
+                continue
+            if m >= 1:
+                out[(bl, br)] = m
+        return out
+
     def operand(self, fam: _Family):
         if fam.method != "nq+lplr":
             return None
@@ -1042,14 +1054,7 @@ class _Planner:
                 return None
             self.score_nq(fam, fits[:1])  # the widest that fits: Q's error falls with bits
             return self.scored[(fam, fits[0])]
-        pairs = {}
-        for bl, br in self.pairs(fam):
-            try:
-                m = self.rank_for(fam, b, bl, br)
-            except ParameterError:  # e.g. quantizer "sign" with more than 1 bit
-                continue
-            if m >= 1:
-                pairs[(bl, br)] = m
+        pairs = self.ranks(fam, b)
         if not pairs:
             return None
         op = self.operand(fam)
@@ -1116,13 +1121,11 @@ class _Planner:
         pairs = self.pairs(fam)
         top_l, top_r = max(p[0] for p in pairs), max(p[1] for p in pairs)
         every = self.shape[0] * self.shape[1] <= SMALL_ENTRIES
-        ranks = []
-        for bl, br in pairs:
-            if every or (bl >= top_l - 2 and br >= top_r - 2):
-                try:
-                    ranks.append(self.rank_for(fam, b, bl, br))
-                except ParameterError:
-                    continue
+        ranks = [
+            m
+            for (bl, br), m in self.ranks(fam, b).items()
+            if every or (bl >= top_l - 2 and br >= top_r - 2)
+        ]
         return max(ranks, default=0) + self.extra_cols(fam)
 
     def _err(self, fam, c) -> float:
@@ -1216,14 +1219,7 @@ class _Planner:
         scale = ref.estimated_rel_error / model if model > 0 else 1.0
 
         def best(b) -> float:
-            cands = []
-            for bl, br in self.pairs(fam):
-                try:
-                    m = self.rank_for(fam, b, bl, br)
-                except ParameterError:
-                    continue
-                if m >= 1:
-                    cands.append((m, bl, br))
+            cands = [(m, *p) for p, m in self.ranks(fam, b).items()]
             est = self.modelled(fam, cands, span)
             return min(est.values(), default=math.inf) * scale
 
@@ -1539,11 +1535,8 @@ def _curve_in_memory(matrix, a, options, *, budgets, sample_cols):
         extra = pl.extra_cols(fam)
         want: dict = {}  # (m, B) -> [B′]
         for b in budgets:
-            for bl, br in pl.pairs(fam):
-                try:
-                    m = min(pl.rank_for(fam, b, bl, br), pl.k_limit - extra)
-                except ParameterError:  # this pair does not fit b
-                    continue
+            for (bl, br), rank in pl.ranks(fam, b).items():
+                m = min(rank, pl.k_limit - extra)
                 if m >= 1 and br not in want.setdefault((m, bl), []):
                     want[(m, bl)].append(br)
         if not want:

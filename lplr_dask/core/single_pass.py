@@ -47,9 +47,11 @@ from dask.highlevelgraph import HighLevelGraph
 
 from lplr_dask.core.engine import (
     Stages,
+    check_one_block,
     decode,
     encode,
     left_multiply,
+    panel_of,
     shared_state,
     sketch_matrix,
 )
@@ -316,15 +318,6 @@ def _ranges_here(x, spec, lo, hi):
     return asarray_like(lo, x), asarray_like(hi, x), False
 
 
-def _check_one_block(x, what: str) -> None:
-    if not isinstance(x, da.Array) or x.npartitions != 1:
-        raise ParameterError(
-            f"{what} must be a one-block Dask array (loaded or built on a worker, such as "
-            "lplr_dask.core.methods.npy_array), so that it does not travel in the task graph; "
-            f"got {type(x).__name__}."
-        )
-
-
 def _pinv(psi_l):
     """(Ψ·L̂)⁺ with ``numpy.linalg.lstsq``'s cutoff: singular values below ℓ·eps·σ_max are
     treated as zero."""
@@ -340,8 +333,7 @@ def _panel_finish(w, t, cols, coef, gamma_l, *, spec, lo, hi, seed, writer, col_
     returns [‖T_j − (Γ·L̂)·R̂_j‖²]. ``cols``: the panel's column numbers (the first locates it
     among ``col_bounds``)."""
     xp = array_namespace(w)
-    col0 = int(to_numpy(cols[:1])[0])
-    j = int(np.searchsorted(col_bounds, col0, side="right")) - 1
+    col0, j = panel_of(cols, col_bounds)
     r = _panel_values(coef, w)
     rng = block_generator(seed, STREAM_DITHER_RIGHT, j) if spec.rounding == "stochastic" else None
     lo_b, hi_b, local = _ranges_here(r, spec, lo, hi)
@@ -402,8 +394,8 @@ def solve_and_quantize(
     (``numpy.linalg.lstsq``'s rule): the minimum-norm solution when a coarse quantizer made
     columns of L̂ collinear. Cost: m·ℓ·d multiply-adds; memory: one m × d_j panel per task.
     """
-    _check_one_block(psi_l, "psi_l")
-    _check_one_block(gamma_l, "gamma_l")
+    check_one_block(psi_l, "psi_l")
+    check_one_block(gamma_l, "gamma_l")
     ell, m = psi_l.shape
     coef = da.map_blocks(_pinv, psi_l, chunks=((m,), (ell,)), dtype=np.float64)
     lo = hi = codebook = None
