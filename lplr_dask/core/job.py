@@ -464,17 +464,20 @@ class CompressionJob:
         zarr.open_group(str(self.out_tmp), mode="w")
         return {"config": cfg.to_dict(), "budget_search": search, **extra}
 
-    def _handed_sketch(self, cfg: CompressionConfig, y, norm2: float, q) -> dict:
-        """Store what the planner hands over for the sketch stage's record: its orthonormal
-        basis Q (n × k, in the row blocks this job's own ``orthonormalize`` would give: the
-        dither and the writes of L follow the row blocks), so that the basis stage skips its
-        QR; or, for ``paper`` (which quantizes Y itself) or without a basis, the sketch Y."""
-        if q is not None and cfg.method != "paper":
-            k = q.shape[1]
-            chunks = orthonormal_row_chunks(self.matrix.data.chunks[0], k)
-            q = q.rechunk((chunks, (k,)))
-            ref = _store(q, self.work_dir / "Q.zarr", self.engine, "plan")
-            return {"norm2": norm2, "Q": ref, "from_plan": True}
+    def _handed_sketch(self, cfg: CompressionConfig, y, norm2: float, q, x) -> dict:
+        """Store what the planner hands over for the sketch stage's record: the rotated basis
+        X = Q·H it scored (the basis stage then neither orthonormalizes nor rotates), else its
+        orthonormal basis Q (the basis stage skips its QR), each n × k in the row blocks
+        this job's own ``orthonormalize`` would give (the dither and the writes of L follow
+        the row blocks); or, for ``paper`` (which quantizes Y itself) or without a basis,
+        the sketch Y."""
+        for name, basis in (("X", x), ("Q", q)):
+            if basis is not None and cfg.method != "paper":
+                k = basis.shape[1]
+                chunks = orthonormal_row_chunks(self.matrix.data.chunks[0], k)
+                basis = basis.rechunk((chunks, (k,)))
+                ref = _store(basis, self.work_dir / f"{name}.zarr", self.engine, "plan")
+                return {"norm2": norm2, name: ref, "from_plan": True}
         ref = _store(y, self.work_dir / "Y.zarr", self.engine, "plan")
         return {"norm2": norm2, "Y": ref, "from_plan": True}
 
@@ -573,6 +576,8 @@ class CompressionJob:
         mode, given = "lstsq", None
         if cfg.method == "paper":
             basis = _load(work, sketched["Y"])  # Algorithm 1: L = Q(A·S), no orthonormalization
+        elif "X" in sketched:  # the planner's rotated basis, stored by the plan stage
+            basis = _load(work, sketched["X"])
         else:
             # The planner's orthonormal basis, stored by the plan stage; else a QR of Y here.
             qr_pending = "Q" not in sketched
@@ -599,9 +604,9 @@ class CompressionJob:
                     u = u @ (sig[:, None] * mix)
                 np.save(work / "transform.npy", u)  # read on the workers: not in the graph
                 basis = times(q, npy_array(work / "transform.npy"))
-        if cfg.method in ROTATED_METHODS:
+        if cfg.method in ROTATED_METHODS and "X" not in sketched:
             basis = times(basis, rotation_array(cfg.seed, rank))
-        if cfg.method != "paper":
+        if cfg.method != "paper" and "X" not in sketched:
             # Read two or three times (ranges, codebook, L̂): computed once (with the QR when
             # this stage makes it), kept on the workers in place of Q.
             (basis,) = stages.persist("orthonormalize" if qr_pending else "rotate", basis)

@@ -28,6 +28,7 @@ __all__ = [
     "ROTATED_METHODS",
     "basis_rotation",
     "check_finite_input",
+    "extend_orthonormal",
     "npy_array",
     "nq_residual",
     "orthonormal_row_chunks",
@@ -81,6 +82,25 @@ def orthonormalize(y: da.Array) -> da.Array:
         y = y.rechunk({0: chunks[0]})
     q, _ = da.linalg.tsqr(y.rechunk({1: -1}))
     return q
+
+
+def extend_orthonormal(q: da.Array, y: da.Array) -> da.Array:
+    """[Q, Q₂]: the orthonormal basis ``q`` (n × k, from :func:`orthonormalize`) continued by
+    the range of ``y`` (n × j) that it lacks, so that its first k columns stay as they are
+    (what a QR of [Y₁, Y] gives up to the signs of the new columns).
+
+    Block classical Gram–Schmidt twice, each sweep followed by a TSQR of the remainder
+    (BCGS2: "twice is enough"; normalizing between the sweeps keeps the new columns
+    orthogonal to Q to working precision even where Y adds almost nothing to Q's range, as
+    when the sketch is wider than A's rank). Costs about 4·n·k·j + 4·n·j² flops, against
+    2·n·(k + j)² for a QR of the whole sketch.
+    """
+    q2 = y.rechunk({0: q.chunks[0], 1: -1})
+    for _ in range(2):
+        q2 = orthonormalize(q2 - q @ (q.T @ q2))
+        if q2.chunks[0] != q.chunks[0]:
+            q2 = q2.rechunk({0: q.chunks[0]})
+    return da.concatenate([q, q2.astype(q.dtype)], axis=1).rechunk({1: -1})
 
 
 ROTATED_METHODS = ("lplr", "nq+lplr")

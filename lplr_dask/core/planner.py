@@ -90,6 +90,7 @@ from lplr_dask.core.engine import (
 from lplr_dask.core.methods import (
     basis_rotation,
     check_finite_input,
+    extend_orthonormal,
     nq_residual,
     orthonormalize,
 )
@@ -142,6 +143,13 @@ SMALL_ENTRIES = 1 << 22
 wide enough for every pair at once."""
 SCREEN_ROUND = 1
 """Candidates scored exactly per round of the screened search."""
+COVER_BITS = 1
+"""The first planning pass sketches the rank of every pair within this many bits of the
+widest (B, B′): where the best pair usually lies. Pairs with fewer bits (and more rank) are
+pruned by the screen's optimistic estimate or widen the sketch in a second pass, whose basis
+continues the first's (:func:`lplr_dask.core.methods.extend_orthonormal`). Two bits made the
+first pass 17 % wider and its QR 36 % dearer on 12288² at one bit per entry, for pairs that
+were pruned."""
 
 FAMILIES = ("lplr", "lplr+power", "dsvd", "lplr-svd", "nq", "nq+lplr")
 """What ``method="auto"`` considers (``paper`` only when asked for by name)."""
@@ -282,11 +290,13 @@ class Plan:
 
     def sketch_for(self, config: CompressionConfig):
         """What the job's ``sketch`` stage would compute for ``config``, cut from the
-        planner's: ``(Y, ‖A‖², Q)`` with Y the n × k sketch (float64, on the workers) and Q the
-        first k columns of the planner's orthonormal basis of its K-column sketch (on the
+        planner's: ``(Y, ‖A‖², Q, X)`` with Y the n × k sketch (float64, on the workers) and Q
+        the first k columns of the planner's orthonormal basis of its K-column sketch (on the
         workers; by the prefix property they span the range of Y, so the ``basis`` stage
-        need not orthonormalize Y again), Q None when the planner made no basis. None when
-        the planner has no sketch for ``config``."""
+        need not orthonormalize Y again), Q None when the planner made no basis; X the
+        rotated basis Q_k·H that the planner scored for ``config`` (``lplr`` without
+        oversampling, the best point scored), else None. None when the planner has no sketch
+        for ``config``."""
         key = _operand_key(config)
         entry = self._handover.get((key, int(config.n_power_iter)))
         if entry is None or not config.rank:
@@ -301,7 +311,18 @@ class Plan:
         if scale_cols:  # a plain sketch: A·S_k has entries of S scaled by 1/√k, ours by 1/√K₀
             out = out * math.sqrt(scale_cols / k)
         q = basis[:, :k] if basis is not None and k <= basis.shape[1] else None
-        return out, norm2, q
+        at, rotated = self._handover.get("rotated", (None, None))
+        if (
+            config.method != "lplr"
+            or config.n_oversamples
+            or at
+            != (
+                int(config.n_power_iter),
+                config.rank,
+            )
+        ):
+            rotated = None
+        return out, norm2, q, rotated
 
 
 def _operand_key(config: CompressionConfig):
@@ -367,8 +388,8 @@ def _sketch_columns(d, c0, c1, *, seed, scale, row_chunks, dtype, meta):
 
 
 def _plan_tile(a, s, ii, jj, *, specs, seed, row_chunks, col_chunks, sample):
-    """One tile's share of the planning pass: ([A·S | (A − Q(A))·S per spec | row ‖A‖²] as a
-    float64 partial sum, the tile's sampled columns of A)."""
+    """One tile's share of the planning pass: ([A·S | (A − Q(A))·S per spec | row ‖A‖² |
+    row ‖A_sample‖²] as a float64 partial sum, the tile's sampled columns of A)."""
     xp = array_namespace(a)
     r0, c0 = int(to_numpy(ii[:1])[0]), int(to_numpy(jj[:1])[0])  # the tile's first row, column
     i = int(np.searchsorted(np.cumsum(row_chunks), r0, side="right"))
@@ -386,9 +407,10 @@ def _plan_tile(a, s, ii, jj, *, specs, seed, row_chunks, col_chunks, sample):
         parts.append(xp.matmul(res, s).astype(np.float64))
     taken = None
     if sample is not None:
-        parts.append(xp.einsum("ij,ij->i", a, a, dtype=np.float64)[:, None])
         lo, hi = np.searchsorted(sample, [c0, c0 + a.shape[1]])
         taken = a[:, asarray_like(sample[lo:hi] - c0, a)]
+        for x in (a, taken):
+            parts.append(xp.einsum("ij,ij->i", x, x, dtype=np.float64)[:, None])
     return xp.concatenate(parts, axis=1), taken
 
 
@@ -406,7 +428,7 @@ def _planning_pass(a, s, *, specs, seed, sample):
     Each tile has one consumer (the kernel), whose small result two cheap tasks split: the
     partial goes to the fixed summation tree, the sampled columns to the sample."""
     k = s.shape[1]
-    width = k * (1 + len(specs)) + (0 if sample is None else 1)
+    width = k * (1 + len(specs)) + (0 if sample is None else 2)
     ii = da.arange(a.shape[0], chunks=(a.chunks[0],))  # row and column numbers, built on the
     jj = da.arange(a.shape[1], chunks=(a.chunks[1],))  # workers: they locate each tile
     tiles = da.blockwise(
@@ -625,6 +647,8 @@ class _Planner:
         self.y: dict = {}  # operand key -> n × K sketch (float64)
         self.residual_specs: dict = {}  # operand key -> QuantizerSpec of Q(A)
         self.bases: dict = {}  # (operand, q) -> Q, and (operand, q, "svd") -> (bbt, QᵀA_sub)
+        self.narrower: dict = {}  # (operand, 0) -> Q of a sketch since extended
+        self.rotated: tuple = (math.inf, None, None)  # best lplr point: (error, (q, m), Q_m·H)
         self.power: dict = {}
         self.sub = None  # A_sample (n × s, A's dtype)
         self.subs: dict = {}
@@ -737,9 +761,10 @@ class _Planner:
         for i, o in enumerate([None, *res]):
             self.y[o] = ext[:, i * k : (i + 1) * k]
         at = k * (1 + len(res))
-        norm2 = float(ext[:, at].sum().compute())
+        norm2, sub2 = (float(v) for v in ext[:, at : at + 2].sum(axis=0).compute())
         check_finite_input(norm2, a, self.matrix.path or "array", self.stages)
         self.norm2 = norm2
+        self.cache[("norms", None)] = np.array([sub2, sub2])  # ‖A_sample‖², from the pass
         self.sub = sub
         self.subs = {None: self.sub}
 
@@ -770,7 +795,15 @@ class _Planner:
             (self.y[o],) = self.stages.persist("plan-extend", y.rechunk({1: -1}))
         if c0 == self.k or (c0 == 0 and c1 > self.k):
             self.k = c1
-        # bases built on the narrower sketch are stale
+        # What was built on the narrower sketch is stale; its orthonormal bases are kept to
+        # be continued (the prefix property: Q of the wider sketch starts with them).
+        self.narrower.update(
+            {
+                k: v
+                for k, v in self.bases.items()
+                if k[0] in operands and k[1:] in ((0,), (0, "screen-parts"))
+            }
+        )
         self.bases = {k: v for k, v in self.bases.items() if k[0] not in operands}
         self.power = {k: v for k, v in self.power.items() if k[0] not in operands}
 
@@ -813,9 +846,13 @@ class _Planner:
     def basis(self, op, q):
         key = (op, q)
         if key not in self.bases:
-            (self.bases[key],) = self.stages.persist(
-                "plan-basis", orthonormalize(self.sketch(op, q))
-            )
+            y = self.sketch(op, q)
+            old = self.narrower.pop(key, None)
+            if old is not None:  # continue the narrower sketch's basis: QR of the new columns
+                basis = extend_orthonormal(old, y[:, old.shape[1] :])
+            else:
+                basis = orthonormalize(y)
+            (self.bases[key],) = self.stages.persist("plan-basis", basis)
         return self.bases[key]
 
     def svd_parts(self, op, q):
@@ -834,17 +871,15 @@ class _Planner:
     # -------------------------------------------------------------- scoring
 
     def norms(self, op):
-        """(‖operand sample‖², ‖A_sample‖²) on the workers."""
+        """(‖operand sample‖², ‖A_sample‖²): A's from the planning pass, a residual's
+        summed on the workers."""
         key = ("norms", op)
         if key not in self.cache:
-            sub, orig = self.sample_of(op), self.sub
-            assert orig is not None  # the sample is kept by the planning pass
-            (self.cache[key],) = self.stages.persist(
-                "plan-sample",
-                da.stack(
-                    [(sub.astype(np.float64) ** 2).sum(), (orig.astype(np.float64) ** 2).sum()]
-                ),
+            orig2 = self.cache[("norms", None)][1]  # kept by the planning pass
+            (sub2,) = self.stages.compute(
+                "plan-sample", (self.sample_of(op).astype(np.float64) ** 2).sum()
             )
+            self.cache[key] = np.array([float(sub2), orig2])
         return self.cache[key]
 
     def screen(self, fam: _Family, span: int) -> dict:
@@ -867,9 +902,13 @@ class _Planner:
                 seed=self.options.seed,
                 key=98,
             )
-            self.bases[parts] = self.stages.persist(
-                "plan-screen", left_multiply(self.sample_of(op), qb), qb[rows]
-            )
+            old = self.narrower.pop(parts, None)
+            if old is not None:  # the basis was continued: only its new columns' products
+                c0 = old[0].shape[0]
+                c = da.concatenate([old[0], left_multiply(self.sample_of(op), qb[:, c0:])])
+            else:
+                c = left_multiply(self.sample_of(op), qb)
+            self.bases[parts] = self.stages.persist("plan-screen", c, qb[rows])
         c, rows = self.bases[parts]
         tasks: dict = {}
         if key not in self.bases:
@@ -981,6 +1020,9 @@ class _Planner:
             )
         errs = self.stages.compute("plan-score", *work.values())
         for key, errors in zip(work, errs, strict=True):
+            if op is None and fam.method == "lplr" and min(errors) < self.rotated[0]:
+                # the best plain lplr point's rotated basis, for a budget run's basis stage
+                self.rotated = (min(errors), (q, key[0]), lefts[key][0])
             mine = [c for c in cands if (c[0], c[1]) == key]
             for c, e in zip(mine, errors, strict=True):
                 cfg = self.config(fam, *c)
@@ -1113,9 +1155,9 @@ class _Planner:
         return self.options.n_oversamples
 
     def cover(self, fam, b) -> int:
-        """The sketch columns that the pairs within 2 bits of the widest need at budget b
-        (every pair's on a matrix of at most :data:`SMALL_ENTRIES` entries: there a wider
-        sketch costs less than a second pass)."""
+        """The sketch columns that the pairs within :data:`COVER_BITS` of the widest need at
+        budget b (every pair's on a matrix of at most :data:`SMALL_ENTRIES` entries: there a
+        wider sketch costs less than a second pass)."""
         if fam.method == "nq":
             return 1
         pairs = self.pairs(fam)
@@ -1124,7 +1166,7 @@ class _Planner:
         ranks = [
             m
             for (bl, br), m in self.ranks(fam, b).items()
-            if every or (bl >= top_l - 2 and br >= top_r - 2)
+            if every or (bl >= top_l - COVER_BITS and br >= top_r - COVER_BITS)
         ]
         return max(ranks, default=0) + self.extra_cols(fam)
 
@@ -1433,6 +1475,9 @@ def plan(
     # columns span the rank-k range: the prefix property), when the planner made one.
     if None in pl.y:
         result._handover[(None, 0)] = (pl.y[None], pl.norm2, pl.k0, pl.bases.get((None, 0)))
+    # ... and, when it is the best lplr point scored, that point's rotated basis Q_m·H
+    if pl.rotated[1] is not None:
+        result._handover["rotated"] = pl.rotated[1:]
     for (op, q), y in pl.power.items():
         if op is None:
             result._handover[(None, q)] = (y, pl.norm2, 0, pl.bases.get((None, q)))

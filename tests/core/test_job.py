@@ -230,15 +230,15 @@ def test_killed_run_without_resume_leaves_nothing_for_the_next_writer(tmp_path, 
 def test_budget_run_takes_the_planners_basis_and_resumes_without_the_planner(
     tmp_path, decaying_zarr, block_shape
 ):
-    """The plan stage stores the planner's orthonormal basis (cut to the chosen rank, in the
-    row blocks of the job's own QR); the basis stage does no QR of its own; a run resumed
+    """The plan stage stores the planner's rotated basis Q_m·H of the point it chose (in the
+    row blocks of the job's own QR); the basis stage does no QR and no rotation; a run resumed
     after ``plan`` reads that basis back and writes the same codes; the codes match a run of
     the same configuration given directly up to rounding. Short row blocks (128 rows, fewer
     than the planner's sketch is wide) make its QR re-block the rows; the job restores its
     own blocks."""
     kw = dict(budget=1.0, seed=2, block_shape=block_shape)
     ref = compress(decaying_zarr, tmp_path / "ref.zarr", **kw)
-    assert "orthonormalize" not in ref.stage_seconds
+    assert "orthonormalize" not in ref.stage_seconds and "rotate" not in ref.stage_seconds
     direct = compress(
         decaying_zarr,
         tmp_path / "direct.zarr",
@@ -260,7 +260,7 @@ def test_budget_run_takes_the_planners_basis_and_resumes_without_the_planner(
     job.run_stage("plan")  # the process dies here
     (work,) = _work_dirs(out)
     handed = json.loads((work / "stages" / "plan.json").read_text())["values"]["sketch"]
-    assert "Q" in handed and "Y" not in handed
+    assert "X" in handed and "Q" not in handed and "Y" not in handed
     again = CompressionJob.create(decaying_zarr, out, CompressionOptions(**kw), resume=True)
     assert again.open() == ["plan"]
     res = again.run()

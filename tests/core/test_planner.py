@@ -8,6 +8,7 @@ import pytest
 from conftest import known_spectrum, write_zarr
 
 from lplr_dask import ParameterError, compress
+from lplr_dask.core import planner
 from lplr_dask.core.params import CompressionOptions
 from lplr_dask.core.planner import curve_in_memory, plan
 from lplr_dask.storage.inputs import open_input
@@ -68,6 +69,28 @@ def test_estimate_is_exact_when_the_sample_covers_every_column(tmp_path, slow_de
     # Same L̂ (up to the rounding of a K-column QR against the m-column one) and the same
     # R̂ on every column: the estimate is the run's error (measured 1e-6 relative).
     assert best.estimated_rel_error == pytest.approx(res.rel_fro_error, rel=2e-3)
+
+
+@pytest.mark.parametrize("budget", [1.0, 3.0])
+def test_a_second_pass_continues_the_first_basis(slow_decay, monkeypatch, budget):
+    """As on a large matrix, the first pass sketches only the ranks of the pairs within
+    COVER_BITS of 8/8; this slow decay's pairs with fewer bits and more rank survive the
+    screen, so a second pass widens the sketch and continues the basis. The choice is the one
+    of a single pass wide enough for every pair. The estimates differ by the sign of the QR's
+    columns (the TSQR blocks differ), which the rotation H turns into another L̂ (measured
+    2e-3 relative at budget 1; the same run's error differs as much from a direct run's)."""
+    m = _open(slow_decay)
+    wide = plan(m, _opts(budget=budget))
+    monkeypatch.setattr(planner, "SMALL_ENTRIES", 0)
+    narrow = plan(m, _opts(budget=budget))
+    assert (wide.passes, narrow.passes) == (1, 2)
+    assert narrow.sketch_rank < wide.sketch_rank
+    a, b = narrow.best(budget), wide.best(budget)
+    assert a.config == b.config
+    assert a.estimated_rel_error == pytest.approx(b.estimated_rel_error, rel=1e-2)
+    q = np.asarray(narrow._handover[(None, 0)][3])  # the continued basis, every column
+    assert q.shape[1] == narrow.sketch_rank
+    assert np.abs(q.T @ q - np.eye(q.shape[1])).max() < 1e-12
 
 
 @pytest.mark.slow  # about a minute on 2 busy cores
