@@ -223,6 +223,24 @@ def test_gram_pinv_symmetric_result_and_dtype():
     np.testing.assert_allclose(P @ G, np.eye(6), rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("eps", [1e-3, 1e-9], ids=["invertible", "cut"])
+def test_gram_pinv_takes_the_inverse_only_when_nothing_is_cut(eps):
+    """Column 7 is column 2 plus ``eps`` of noise: G's condition is about 1/eps². At 1e-3
+    (1e6) no eigenvalue is below the cutoff m·eps(float64)·λ_max, the fast inverse is taken
+    and must equal the eigendecomposition's G⁻¹; at 1e-9 (1e18) one is cut, and the result
+    must be the truncated pseudo-inverse (the inverse would be 1e18 times too large there)."""
+    rng = np.random.default_rng(5)
+    L = rng.standard_normal((200, 10))
+    L[:, 7] = L[:, 2] + eps * rng.standard_normal(200)
+    G = L.T @ L
+    w, v = np.linalg.eigh(G)
+    keep = w > 10 * np.finfo(np.float64).eps * w.max()
+    expected = (v[:, keep] / w[keep]) @ v[:, keep].T
+    assert keep.all() == (eps == 1e-3)
+    # Both agree to the rounding of a solve with condition 1e6 (~1e-10 relative).
+    np.testing.assert_allclose(gram_pinv(G), expected, rtol=0, atol=1e-8 * np.abs(expected).max())
+
+
 def test_gram_pinv_zero_matrix():
     P = gram_pinv(np.zeros((4, 4)))
     assert not np.isnan(P).any()
