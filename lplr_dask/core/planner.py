@@ -652,6 +652,7 @@ class _Planner:
         self.residual_specs: dict = {}  # operand key -> QuantizerSpec of Q(A)
         self.bases: dict = {}  # (operand, q) -> Q, and (operand, q, "svd") -> (bbt, QᵀA_sub)
         self.narrower: dict = {}  # (operand, 0) -> Q of a sketch since extended
+        self.centre: dict = {}  # family -> (B, B′) of its last search's best
         self.rotated: tuple = (math.inf, None, None)  # best lplr point: (error, (q, m), Q_m·H)
         self.power: dict = {}
         self.sub = None  # A_sample (n × s, A's dtype)
@@ -1159,6 +1160,7 @@ class _Planner:
                 self.ensure(span, [op])
                 inside = covered()
                 best = self._screened(fam, inside, cand, span, exhaustive)
+        self.centre[fam] = best
         return self.scored[(fam, *cand(best))]
 
     def extra_cols(self, fam) -> int:
@@ -1168,18 +1170,20 @@ class _Planner:
         return self.options.n_oversamples
 
     def cover(self, fam, b) -> int:
-        """The sketch columns that the pairs within :data:`COVER_BITS` of the widest need at
-        budget b (every pair's on a matrix of at most :data:`SMALL_ENTRIES` entries: there a
-        wider sketch costs less than a second pass)."""
+        """The sketch columns that the pairs within :data:`COVER_BITS` of the widest (or of
+        the family's last best pair) need at budget b (every pair's on a matrix of at most
+        :data:`SMALL_ENTRIES` entries: there a wider sketch costs less than a second pass)."""
         if fam.method == "nq":
             return 1
         pairs = self.pairs(fam)
-        top_l, top_r = max(p[0] for p in pairs), max(p[1] for p in pairs)
+        # around the best pair of this family's last search (max_error's doubling and
+        # bisection, a curve's budgets), else the widest
+        cl, cr = self.centre.get(fam) or (max(p[0] for p in pairs), max(p[1] for p in pairs))
         every = self.shape[0] * self.shape[1] <= SMALL_ENTRIES
         ranks = [
             m
             for (bl, br), m in self.ranks(fam, b).items()
-            if every or (bl >= top_l - COVER_BITS and br >= top_r - COVER_BITS)
+            if every or (abs(bl - cl) <= COVER_BITS and abs(br - cr) <= COVER_BITS)
         ]
         return max(ranks, default=0) + self.extra_cols(fam)
 
