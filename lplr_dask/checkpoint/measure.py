@@ -64,14 +64,19 @@ CURVE_VERSION = "planner-b4-r4-k2"
 
 NQ_CURVE_BITS = tuple(range(1, 9))
 
-NQ_CURVE_KINDS = {None: NQ_CURVE_BITS, "clipped": (1, 2, 3)}
+NQ_CURVE_KINDS = {None: NQ_CURVE_BITS, "clipped": (1, 2)}
 """Quantizer kinds of a curve's ``nq`` points, with their widths, when the options name
 none: the default (``lloyd``) and ``clipped`` (uniform levels with a zero point on the
-MSE-optimal range per group) at 1–3 bits, so that the allocation picks the kind per tensor by
-its error at its bits (one pass over the sample scores them all). On MiniLM ``clipped`` was
-chosen for 31, 7 and 2 of 39 tensors at 2, 3 and 4 bits per parameter, always at 1–3 bits; its
-range search costs 2.5× ``lloyd``'s quantization, so wider ones are not scored. ``normal``
-(NF levels) was never chosen there."""
+MSE-optimal range per group) at 1–2 bits, so that the allocation picks the kind per tensor by
+its error at its bits. On MiniLM ``clipped`` was chosen for 31, 7 and 2 of 39 tensors at 2,
+3 and 4 bits per parameter (at 3 bits per parameter its 2-bit codes), ``normal`` (NF levels)
+never. Its range search costs 2.5× ``lloyd``'s quantization, so its points are scored at 1–2
+bits and on :data:`NQ_KIND_ROWS` rows only."""
+
+NQ_KIND_ROWS = 384
+"""Rows (a seeded sample) on which the ``nq`` points of the kinds beyond the options' own
+are scored: a ratio estimate, exact per row (each group is one row's 128 entries). 384 keeps
+MiniLM's attention weights whole and cuts the 1536-row MLP weights and the embedding."""
 
 NQ_SAMPLE_ROWS = 4096
 """In memory, ``nq`` points of a taller tensor are scored on this many of its rows (a seeded
@@ -307,6 +312,7 @@ def _nq_points(
     from lplr_dask.core.engine import Stages, fit_codebook, fit_codebook_in_memory
 
     configs: list = []
+    extra: list = []  # scored on NQ_KIND_ROWS rows: the kinds beyond the options' own
     kinds = NQ_CURVE_KINDS if options.quantizer is None else {options.quantizer: NQ_CURVE_BITS}
     for kind, bits in ((k, b) for k, widths in kinds.items() for b in widths):
         try:
@@ -318,6 +324,7 @@ def _nq_points(
         if cfg.matrix.is_float or cfg.matrix.granularity != "group" or cfg in configs:
             continue
         configs.append(cfg)
+        extra.append(kind != options.quantizer)
     if not configs:
         return []
     a = matrix.data
@@ -325,6 +332,7 @@ def _nq_points(
     cols = _sample_groups(
         a.shape[1], group=specs[0].group_size, sample_cols=sample_cols, seed=options.seed
     )
+    stages = Stages()
     if array is not None:  # fitted as the real run fits it (quantize_matrix)
         books = [
             fit_codebook_in_memory(array, a.chunks, spec, sample_seed=options.seed)
@@ -332,41 +340,55 @@ def _nq_points(
         ]
         sub = array if len(cols) == array.shape[1] else array[:, cols]
         if sub.shape[0] > NQ_SAMPLE_ROWS:
-            rng = np.random.default_rng(np.random.SeedSequence(options.seed, spawn_key=(97,)))
-            sub = sub[np.sort(rng.choice(sub.shape[0], size=NQ_SAMPLE_ROWS, replace=False))]
-        n, s = sub.shape
-        info = {0: {"chunk-location": (0, 0), "array-location": [(0, n), (0, s)]}}
-        sums = _nq_sums(sub, specs=specs, codebooks=books, seed=options.seed, block_info=info)
-        sums = sums.reshape(-1)
+            sub = sub[_seeded_rows(sub.shape[0], NQ_SAMPLE_ROWS, options.seed, 97)]
     else:
-        stages = Stages()
         books = [
             fit_codebook(a, spec, stages, "curve-nq-codebook", sample_seed=options.seed)
             for spec in specs
         ]
         sub = a if len(cols) == a.shape[1] else a[:, cols].rechunk({1: -1})
-        sums = sub.map_blocks(
+
+    def sums_of(which, rows):
+        """[‖sample‖², ‖sample − Q(sample)‖² per config of ``which``] on ``rows`` of ``sub``."""
+        sp, bk = [specs[i] for i in which], [books[i] for i in which]
+        x = sub if rows is None else sub[rows]
+        if array is not None:
+            n, s = x.shape
+            info = {0: {"chunk-location": (0, 0), "array-location": [(0, n), (0, s)]}}
+            return _nq_sums(x, specs=sp, codebooks=bk, seed=options.seed, block_info=info)[0]
+        part = x.map_blocks(
             _nq_sums,
-            specs=specs,
-            codebooks=books,
+            specs=sp,
+            codebooks=bk,
             seed=options.seed,
-            chunks=((1,) * sub.numblocks[0], (len(specs) + 1,) * sub.numblocks[1]),
+            chunks=((1,) * x.numblocks[0], (len(sp) + 1,) * x.numblocks[1]),
             dtype=np.float64,
             meta=np.empty((0, 0)),
         )
-        (sums,) = stages.compute("curve-nq", sums)
-        sums = np.asarray(sums).reshape(sub.numblocks[0], sub.numblocks[1], -1).sum(axis=(0, 1))
-    norm2 = float(sums[0])
+        (part,) = stages.compute("curve-nq", part)
+        return np.asarray(part).reshape(x.numblocks[0], x.numblocks[1], -1).sum(axis=(0, 1))
+
+    errors = np.zeros(len(configs))
+    for flag in (False, True):
+        which = [i for i, e in enumerate(extra) if e == flag]
+        if not which:
+            continue
+        rows = None
+        if flag and sub.shape[0] > NQ_KIND_ROWS:
+            rows = _seeded_rows(sub.shape[0], NQ_KIND_ROWS, options.seed, 96)
+        sums = sums_of(which, rows)
+        if sums[0] > 0:
+            errors[which] = np.sqrt(sums[1:] / sums[0])
     return [
-        CurvePoint(
-            c,
-            c.bits_per_entry(matrix.shape),
-            float(np.sqrt(sums[i + 1] / norm2)) if norm2 > 0 else 0.0,
-            "nq",
-            1,  # nq reads A once
-        )
-        for i, c in enumerate(configs)
+        CurvePoint(c, c.bits_per_entry(matrix.shape), float(e), "nq", 1)  # nq reads A once
+        for c, e in zip(configs, errors, strict=True)
     ]
+
+
+def _seeded_rows(n: int, k: int, seed: int, key: int) -> np.ndarray:
+    """k of n row numbers, sorted, drawn by a generator of its own from the seed."""
+    rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(key,)))
+    return np.sort(rng.choice(n, size=k, replace=False))
 
 
 def planner_curve(

@@ -28,7 +28,8 @@ embedded in a task graph and the driver only receives errors.
 candidate, its largest rank m(B, B′) within b (up to 64 pairs). Scoring one exactly costs a
 quantized n × m left factor, its Gram matrix and L̂ᵀ·A_sample (O(n·m·(m + s)) flops); a model
 of the error costs a few flops. The screen measures, once per sketch, the captured energy
-head(m) = ‖Q_mᵀ·A_sample‖² of every rank (one K × n × s product: the prefix property again)
+head(m) = ‖Q_mᵀ·A_sample‖² of every rank (one K × n × s product over at most
+:data:`SCREEN_SAMPLE` of the sample's columns: the prefix property again)
 and, once per method, the relative error ρ of every left and right quantizer of the grid on a
 sample of the rotated basis's rows and of R; its estimate is error² ≈ tail(m) + (ρ_L·(1 − m/n)
 + ρ_R)·head(m) (:func:`_modelled`; within 1 % of the exact scores on the benchmarks' matrices
@@ -38,7 +39,10 @@ below the best exact error (the ratio never above 1): usually one or two exact s
 of a grid. The choice is always an exactly scored point. Pairs whose rank exceeds the sketch
 are estimated with the tail's chord over its last K/8 ranks, extended (below a convex tail:
 optimistic); those whose scaled estimate is above the best error found are pruned, and only
-otherwise is the sketch extended by the missing columns (one more pass, prefix property).
+otherwise is the sketch extended by the missing columns (one more pass, prefix property; the
+basis of the wider sketch continues the narrower one's, :func:`extend_orthonormal`). The
+first pass covers the pairs within :data:`COVER_BITS` of the widest (later searches of a
+family: of its last best pair), where the best pair usually lies.
 ``--max-error E`` doubles the budget until an estimate meets E; the screen's model, calibrated
 on that point, then places the budget, and exact searches just below and above the guess
 confirm it (bisection, the error being monotone in the budget, if they do not).
@@ -52,7 +56,8 @@ capped (``Plan.capped``); the run itself needs its n × m sketch anyway.
 iteration for the methods that use them, plus one for the truncation of ``dsvd`` and
 ``lplr-svd``, plus one per sketch extension. The job reuses the sketch of the chosen
 configuration and the orthonormal basis of it (:meth:`Plan.sketch_for`), so a budget run of
-``lplr`` reads A twice, like a run with the rank given, and runs no QR of its own.
+``lplr`` reads A twice, like a run with the rank given, and runs no QR of its own; for an
+``lplr`` choice it also takes the rotated basis Q_m·H the planner scored (no rotation either).
 
 **In memory.** :func:`curve_in_memory` scores the candidates of ``lplr`` and ``nq+lplr`` of a
 matrix held in memory (a checkpoint's tensor, inside its Dask task) with NumPy in the calling
