@@ -68,8 +68,8 @@ NQ_CURVE_KINDS = {None: NQ_CURVE_BITS, "clipped": (1, 2)}
 """Quantizer kinds of a curve's ``nq`` points, with their widths, when the options name
 none: the default (``lloyd``) and ``clipped`` (uniform levels with a zero point on the
 MSE-optimal range per group) at 1–2 bits, so that the allocation picks the kind per tensor by
-its error at its bits. On MiniLM ``clipped`` was chosen for 31, 7 and 2 of 39 tensors at 2,
-3 and 4 bits per parameter (at 3 bits per parameter its 2-bit codes), ``normal`` (NF levels)
+its error at its bits. On MiniLM ``clipped`` was chosen for 31, 7 and 1–2 of 39 tensors at
+2, 3 and 4 bits per parameter (at 3 bits per parameter its 2-bit codes), ``normal`` (NF levels)
 never. Its range search costs 2.5× ``lloyd``'s quantization, so its points are scored at 1–2
 bits and on :data:`NQ_KIND_ROWS` rows only."""
 

@@ -321,15 +321,8 @@ class Plan:
             out = out * math.sqrt(scale_cols / k)
         q = basis[:, :k] if basis is not None and k <= basis.shape[1] else None
         at, rotated = self._handover.get("rotated", (None, None))
-        if (
-            config.method != "lplr"
-            or config.n_oversamples
-            or at
-            != (
-                int(config.n_power_iter),
-                config.rank,
-            )
-        ):
+        wanted = (int(config.n_power_iter), config.rank)
+        if config.method != "lplr" or config.n_oversamples or at != wanted:
             rotated = None
         return out, norm2, q, rotated
 
