@@ -223,7 +223,7 @@ def test_curve_offers_nq_in_two_kinds(tmp_path):
     the allocation picks the kind per tensor; a clipped point is reproduced by its candidate
     and, on a tensor of at most NQ_KIND_ROWS rows (every row and column sampled), its
     estimate is the real run's error to rounding. On a taller one it is scored on a seeded
-    row sample: within a few percent."""
+    row sample, a ratio estimate (measured 0.7 % off on 1536 rows; 5 % allowed)."""
     from lplr_dask import compress
     from lplr_dask.storage.inputs import open_input
 
