@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 from pathlib import Path
@@ -60,6 +61,25 @@ def tree_digest(path) -> dict:
             else:
                 out[rel] = "dir"
     return dict(sorted(out.items()))
+
+
+@contextlib.contextmanager
+def large_graphs(threshold: str):
+    """Dask's "Sending large graph" warnings (messages) raised inside the block, with its
+    threshold lowered to ``threshold`` (such as "20kB"): a matrix embedded in a task graph
+    that should have been built or read on a worker shows up here."""
+    import warnings
+
+    import dask
+
+    found: list[str] = []
+    with (
+        dask.config.set({"distributed.admin.large-graph-warning-threshold": threshold}),
+        warnings.catch_warnings(record=True) as caught,
+    ):
+        warnings.simplefilter("always")
+        yield found
+    found += [str(w.message) for w in caught if "Sending large graph" in str(w.message)]
 
 
 @pytest.fixture(scope="session")

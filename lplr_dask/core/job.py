@@ -573,11 +573,12 @@ class CompressionJob:
         a = self._operand()
         sketched = self.records["sketch"].values
         coef: Any = None
+        q: Any = None  # the orthonormal basis, when this stage loads or makes one
         mode, given = "lstsq", None
         if cfg.method == "paper":
             basis = _load(work, sketched["Y"])  # Algorithm 1: L = Q(A·S), no orthonormalization
         elif "X" in sketched:  # the planner's rotated basis, stored by the plan stage
-            basis = _load(work, sketched["X"])
+            basis, stage = _load(work, sketched["X"]), "load-basis"
         else:
             # The planner's orthonormal basis, stored by the plan stage; else a QR of Y here.
             qr_pending = "Q" not in sketched
@@ -604,13 +605,14 @@ class CompressionJob:
                     u = u @ (sig[:, None] * mix)
                 np.save(work / "transform.npy", u)  # read on the workers: not in the graph
                 basis = times(q, npy_array(work / "transform.npy"))
-        if cfg.method in ROTATED_METHODS and "X" not in sketched:
-            basis = times(basis, rotation_array(cfg.seed, rank))
-        if cfg.method != "paper" and "X" not in sketched:
-            # Read two or three times (ranges, codebook, L̂): computed once (with the QR when
-            # this stage makes it), kept on the workers in place of Q.
-            (basis,) = stages.persist("orthonormalize" if qr_pending else "rotate", basis)
-            del q  # Q (when persisted) is no longer needed on the workers
+            if cfg.method in ROTATED_METHODS:
+                basis = times(basis, rotation_array(cfg.seed, rank))
+            stage = "orthonormalize" if qr_pending else "rotate"
+        if cfg.method != "paper":
+            # Read two or three times (ranges, codebook, L̂): computed (with the QR when this
+            # stage makes it) or read once, kept on the workers in place of Q.
+            (basis,) = stages.persist(stage, basis)
+            q = None  # Q (when persisted) is no longer needed on the workers
         n = a.shape[0]
         lwriter = create_factor(self.out_tmp, "L", (n, rank), left, (a.chunksize[0], rank))
         lhat, g = quantize_left(basis, left, lwriter, seed=cfg.seed, dtype=a.dtype, stages=stages)

@@ -15,6 +15,7 @@ from lplr_dask.core.engine import (
     Stages,
     decode,
     encode,
+    left_multiply,
     shared_state,
     tile_sumsq,
 )
@@ -96,8 +97,8 @@ def extend_orthonormal(q: da.Array, y: da.Array) -> da.Array:
     2·n·(k + j)² for a QR of the whole sketch.
     """
     q2 = y.rechunk({0: q.chunks[0], 1: -1})
-    for _ in range(2):
-        q2 = orthonormalize(q2 - q @ (q.T @ q2))
+    for _ in range(2):  # Qᵀ·Q₂ is one k × j block, made on the workers
+        q2 = orthonormalize(q2 - times(q, left_multiply(q2, q)))
         if q2.chunks[0] != q.chunks[0]:
             q2 = q2.rechunk({0: q.chunks[0]})
     return da.concatenate([q, q2.astype(q.dtype)], axis=1).rechunk({1: -1})

@@ -258,6 +258,7 @@ class Plan:
     passes: int = 0
     seconds: float = 0.0
     _handover: dict = field(default_factory=dict, repr=False)
+    _rotated: tuple = field(default=(None, None), repr=False)  # ((q, m), Q_m·H)
 
     def best(self, budget: float) -> Point:
         """The lowest estimated error among points with ``bits_per_entry <= budget``."""
@@ -321,7 +322,7 @@ class Plan:
         if scale_cols:  # a plain sketch: A·S_k has entries of S scaled by 1/√k, ours by 1/√K₀
             out = out * math.sqrt(scale_cols / k)
         q = basis[:, :k] if basis is not None and k <= basis.shape[1] else None
-        at, rotated = self._handover.get("rotated", (None, None))
+        at, rotated = self._rotated
         wanted = (int(config.n_power_iter), config.rank)
         if config.method != "lplr" or config.n_oversamples or at != wanted:
             rotated = None
@@ -1490,8 +1491,7 @@ def plan(
     if None in pl.y:
         result._handover[(None, 0)] = (pl.y[None], pl.norm2, pl.k0, pl.bases.get((None, 0)))
     # ... and, when it is the best lplr point scored, that point's rotated basis Q_m·H
-    if pl.rotated[1] is not None:
-        result._handover["rotated"] = pl.rotated[1:]
+    result._rotated = pl.rotated[1:]
     for (op, q), y in pl.power.items():
         if op is None:
             result._handover[(None, q)] = (y, pl.norm2, 0, pl.bases.get((None, q)))

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 import zarr
-from conftest import group_digest, write_zarr
+from conftest import group_digest, large_graphs, write_zarr
 
 from lplr_dask import CompressionOptions, compress
 from lplr_dask.core.job import STAGES, CompressionJob, JobBusyError, input_fingerprint
@@ -275,18 +275,9 @@ def test_no_rank_by_rank_matrix_travels_in_a_task_graph(tmp_path, decaying, clie
     the large-graph warning lowered to half of one of them, no graph sent to the cluster
     triggers it (before, the projection embedded G and G⁺ in its graph: at m ≈ 1200 Dask
     warned "Sending large graph" at its default 10 MB)."""
-    import warnings
-
-    import dask
-
     rank = 300
     src = write_zarr(tmp_path / "A.zarr", decaying, (300, 256))
-    with (
-        dask.config.set({"distributed.admin.large-graph-warning-threshold": "360kB"}),
-        warnings.catch_warnings(record=True) as caught,
-    ):
-        warnings.simplefilter("always")
+    with large_graphs("360kB") as large:
         res = compress(src, tmp_path / "o.zarr", method=method, rank=rank, seed=2)
     assert res.rank == rank
-    large = [str(w.message) for w in caught if "Sending large graph" in str(w.message)]
     assert not large, large

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import group_digest, known_spectrum, write_zarr
+from conftest import group_digest, known_spectrum, large_graphs, write_zarr
 
 from lplr_dask import ParameterError, compress
 from lplr_dask.core.single_pass import CORANGE_FACTOR, ERROR_TEST_ROWS
@@ -170,20 +170,11 @@ def test_no_coefficient_matrix_travels_in_a_task_graph(tmp_path, decaying, clien
     lo and hi, 2 × m values, included). Before, the projection embedded (Ψ·L̂)⁺ and Γ·L̂
     (graphs of 2.8 MB; twice with ranges that span panels) and the verify stage's check
     Γ·L̂ from the stored codes (27 kB)."""
-    import warnings
-
-    import dask
-
     rank = 300
     src = write_zarr(tmp_path / "A.zarr", decaying, (300, 256))
-    with (
-        dask.config.set({"distributed.admin.large-graph-warning-threshold": "20kB"}),
-        warnings.catch_warnings(record=True) as caught,
-    ):
-        warnings.simplefilter("always")
+    with large_graphs("20kB") as large:
         res = compress(src, tmp_path / "o.zarr", rank=rank, passes=1, seed=2, **kw)
     assert res.rank == rank and res.error_is_estimate
-    large = [str(w.message) for w in caught if "Sending large graph" in str(w.message)]
     assert not large, large
 
 
