@@ -366,3 +366,58 @@ def test_verify_stage_refuses_missing_and_extra_chunks(tmp_path, matrix):
             job.run_stage("verify")
         job.close(failed=True)
         assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- raw chunks
+
+
+@pytest.fixture(params=[False, True], ids=["buffered", "direct"])
+def direct(request, monkeypatch):
+    """Raw chunks read through the page cache, or with O_DIRECT (as inputs larger than
+    memory are)."""
+    from lplr_dask.storage import inputs
+
+    monkeypatch.setattr(inputs, "DIRECT_READ_BYTES", 0 if request.param else 1 << 62)
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float32, np.float64])
+def test_raw_chunks_are_read_straight_from_their_files(
+    tmp_path, matrix, dtype, direct, monkeypatch
+):
+    """An uncompressed Zarr v3 input (codec ``bytes`` only) is read from its chunk files,
+    edge chunks included (300 × 200 in 100 × 64 chunks), to exactly Zarr's values and
+    without Zarr's decode path."""
+    a = matrix.astype(dtype)
+    src = write_input(tmp_path / "A.zarr", a, compressors=None)
+    data = open_input(src, block_shape=CHUNKS).data
+    monkeypatch.setattr(zarr.Array, "__getitem__", _zarr_must_not_decode)
+    got = data.compute(scheduler="synchronous")
+    np.testing.assert_array_equal(got, a.astype(data.dtype))
+
+
+def _zarr_must_not_decode(self, index):
+    raise AssertionError("a raw chunk went through Zarr's decode path")
+
+
+@pytest.mark.parametrize("extra", [-100, 1, 4096], ids=["truncated", "one-byte-more", "padded"])
+def test_raw_chunk_of_the_wrong_size_is_damaged(tmp_path, matrix, direct, extra):
+    src = write_input(tmp_path / "A.zarr", matrix, compressors=None)
+    chunk = Path(src) / "c" / "1" / "2"
+    raw = chunk.read_bytes()
+    chunk.write_bytes(raw[:extra] if extra < 0 else raw + b"\0" * extra)
+    word = "fewer" if extra < 0 else "more"
+    with pytest.raises(DamagedInputError, match=rf"chunk c/1/2 \(.*\) cannot be decoded: .*{word}"):
+        open_input(src, block_shape=CHUNKS).data.compute(scheduler="synchronous")
+
+
+def test_big_endian_and_compressed_chunks_go_through_zarr(tmp_path, matrix, direct):
+    from zarr.codecs import BytesCodec
+
+    big = write_input(
+        tmp_path / "B.zarr", matrix, serializer=BytesCodec(endian="big"), compressors=None
+    )
+    packed = write_input(tmp_path / "Z.zarr", matrix)
+    for src in (big, packed):
+        got = open_input(src, block_shape=CHUNKS).data.compute(scheduler="synchronous")
+        np.testing.assert_array_equal(got, matrix)
