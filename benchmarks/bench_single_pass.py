@@ -23,8 +23,9 @@ Equal bits, other ranks: the last table lists every run by bits per entry, so th
 run at rank M can be compared with the two-pass run at a rank of about the same cost.
 
 The last line is the same figures as JSON. Timings are wall clock on a shared machine; the
-matrix is in the page cache, so these runs are GEMM-bound, not disk-bound: the single pass
-does (M + ℓ + q)·n·d multiply-adds in one read against 2M·n·d in two.
+matrix is in the page cache, so these runs are compute-bound, not disk-bound: the single pass
+does (M + q)·n·d multiply-adds and 8·n·d additions (the sparse sign Ψ) in one read against
+2M·n·d multiply-adds in two.
 """
 
 from __future__ import annotations

@@ -80,6 +80,7 @@ from lplr_dask.core.methods import (
 )
 from lplr_dask.core.params import CompressionConfig, CompressionOptions, CompressionResult
 from lplr_dask.core.single_pass import (
+    CORANGE_NNZ,
     ERROR_TEST_ROWS,
     check_corange_size,
     corange_size,
@@ -227,6 +228,8 @@ class CompressionJob:
             "allow_missing_chunks": bool(allow_missing_chunks),
             "lplr_dask": __version__,
             "format_version": FORMAT_VERSION,
+            # the single-pass Ψ: a work directory sketched with another Ψ is not resumed
+            "corange": f"sparse-sign-{CORANGE_NNZ}",
         }
         self.key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
         if resume:  # found again by the rerun; never removed by recover_publish

@@ -6,11 +6,12 @@ pass over A's canonical blocks, each tile A_ij is read once and feeds three sket
 - the range sketch Y = A·S (n × m, the two-pass mode's sketch, bit for bit: the same stream,
   the same per-tile GEMM and the same reduction tree, so L̂ is the two-pass mode's L̂), with
   the row sums of squares of A (‖A‖²_F, exact);
-- the co-range sketch W = Ψ·A (ℓ × d), Ψ Gaussian with ℓ rows (``corange_size``), kept in
-  column panels on the workers, never gathered;
+- the co-range sketch W = Ψ·A (ℓ × d), Ψ a sparse sign matrix with ℓ rows (``corange_size``)
+  and :data:`CORANGE_NNZ` nonzeros per column, kept in column panels on the workers, never
+  gathered;
 - the test sketch T = Γ·A (q × d, q = :data:`ERROR_TEST_ROWS`) for the error estimate.
 
-Ψᵀ and Γᵀ are regenerated per row block from the seed (:data:`STREAM_CORANGE`,
+Ψᵀ and Γᵀ are regenerated per row block from the seed (:data:`STREAM_SPARSE_CORANGE`,
 :data:`STREAM_ERROR_TEST`), like S, so every result is independent of the storage tiling and
 of the worker count. After the basis stage (L̂ from Y as in the two-pass mode), the
 projection needs no pass over A: Ψ·L̂ and Γ·L̂ (ℓ × m and q × m) are reduced over L̂'s row
@@ -19,12 +20,15 @@ and the panel's share of the estimate ‖T_j − (Γ·L̂)·R̂_j‖² is return
 
 Why (Ψ·L̂)⁺ is right for a quantized L̂: for any L̂ = Q·T with T invertible,
 L̂(ΨL̂)⁺ = Q(ΨQ)⁺, so L̂·R equals Tropp et al.'s QX with Q an orthonormal basis of span(L̂),
-and their Theorem 4.3 applies to span(L̂): with Ψ independent of L̂,
+and their Theorem 4.3 applies to span(L̂): with Ψ Gaussian and independent of L̂,
 E‖A − L̂R‖²_F = (1 + m/(ℓ − m − 1))·‖A − P_L̂·A‖²_F, where the second factor is the two-pass
-mode's error before R is quantized. The error estimate follows Tropp, Yurtsever, Udell &
-Cevher (2019), Sec. 6: with Γ Gaussian of q rows scaled by 1/√q and independent of L̂R̂,
-‖Γ(A − L̂R̂)‖²_F is an unbiased estimate of ‖A − L̂R̂‖²_F distributed as Σ_i σ_i²·χ²_q/q over
-the singular values σ_i of the residual.
+mode's error before R is quantized. A sparse sign Ψ with ζ = 8 nonzeros per column behaves
+like the Gaussian one in this role (Tropp et al. 2019, Sec. 3.3 and 7.3; measured here:
+tests/core/test_single_pass.py and ``benchmarks/bench_single_pass.py``) at ζ additions per
+entry of A instead of ℓ multiply-adds, which keeps the pass at the disk's speed. The error
+estimate follows Tropp, Yurtsever, Udell & Cevher (2019), Sec. 6: with Γ Gaussian of q rows
+scaled by 1/√q and independent of L̂R̂, ‖Γ(A − L̂R̂)‖²_F is an unbiased estimate of
+‖A − L̂R̂‖²_F distributed as Σ_i σ_i²·χ²_q/q over the singular values σ_i of the residual.
 
 References
 ----------
@@ -56,24 +60,26 @@ from lplr_dask.core.engine import (
     sketch_matrix,
 )
 from lplr_dask.errors import ParameterError
+from lplr_dask.kernels.linalg import sparse_rows_product
 from lplr_dask.kernels.quantize import QuantizerSpec, block_range
 from lplr_dask.kernels.random import (
-    STREAM_CORANGE,
     STREAM_DITHER_RIGHT,
     STREAM_ERROR_TEST,
     block_generator,
     sketch_rows,
+    sparse_sign_rows,
 )
 from lplr_dask.kernels.xp import array_namespace, asarray_like, to_numpy
 
 __all__ = [
     "CORANGE_FACTOR",
+    "CORANGE_NNZ",
     "ERROR_TEST_ROWS",
     "SinglePassSketch",
     "check_corange_size",
     "corange_size",
-    "corange_test_matrix",
     "error_estimate_note",
+    "error_test_matrix",
     "single_pass_sketch",
     "sketch_left",
     "solve_and_quantize",
@@ -84,9 +90,16 @@ CORANGE_FACTOR = 4
 """ℓ = CORANGE_FACTOR·m + 1 by default. Tropp et al. (2017) suggest ℓ = 2m + 1, whose factor
 1 + m/(ℓ − m − 1) = 2 doubles the squared error of the two-pass projection (×1.41 in the
 relative error; measured ×1.41–1.44 at rank 64 and 128 on an 8192² matrix by
-``benchmarks/bench_single_pass.py``); ℓ = 4m + 1 gives 1 + 1/3 (×1.155; measured
-×1.150–1.153), within the goal of 1.25× the two-pass error, for (m + ℓ + q)·n·d =
-(5m + 11)·n·d multiply-adds in the one pass instead of 2m·n·d over two."""
+``benchmarks/bench_single_pass.py``); ℓ = 4m + 1 gives 1 + 1/3 (×1.155; measured ×1.157
+at ranks 64 and 128 with the sparse sign Ψ, ×1.150–1.153 with the Gaussian one it replaced,
+×1.155 at rank 256 on 65536 × 131072), within the goal of 1.25× the two-pass error. With the
+sparse Ψ the wider sketch costs ζ·n·d additions whatever ℓ, and (ℓ + q)·d entries of memory in
+A's precision."""
+
+CORANGE_NNZ = 8
+"""ζ, the nonzeros per column of the sparse sign Ψ (Tropp et al. 2019 recommend ζ = 8). On a
+4096² float32 tile with ℓ = 1025 its product takes 0.041 s against 0.415 s for a dense
+Gaussian Ψ (one thread; the range sketch's GEMM at m = 256 took 0.113 s in the same run)."""
 
 ERROR_TEST_ROWS = 10
 """q, the rows of the test sketch Γ of the error estimate (Tropp et al. 2019 use q = 10)."""
@@ -135,64 +148,77 @@ def error_estimate_note(test_rows: int = ERROR_TEST_ROWS) -> str:
 # ----------------------------------------------------------------------------- the pass
 
 
-def _stream_block(seed, start, stop, sizes, streams, dtype, like):
-    """Rows start:stop of [Ψᵀ | Γᵀ] (n × (ℓ + q)), each from its own stream."""
-    parts = [
-        sketch_rows(seed, start, stop, cols, dtype=dtype, stream=stream)
-        for stream, cols in zip(streams, sizes, strict=True)
-    ]
-    return asarray_like(np.concatenate(parts, axis=1) if len(parts) > 1 else parts[0], like)
-
-
-def corange_test_matrix(
-    n, sizes, *, seed, row_chunks, dtype, meta=None, streams=(STREAM_CORANGE, STREAM_ERROR_TEST)
-) -> da.Array:
-    """[Ψᵀ | Γᵀ] (n × (ℓ + q)) as a Dask array in ``row_chunks``; blocks from the seed.
-    ``streams`` and ``sizes`` pair up: ``streams=(STREAM_ERROR_TEST,), sizes=(q,)`` is Γᵀ."""
-    like = meta if meta is not None else np.empty((0, 0), dtype=dtype)
-    cols = int(sum(sizes))
-    streams = tuple(streams)
-    name = "lplr-corange-" + tokenize(
-        seed, n, tuple(sizes), streams, row_chunks, np.dtype(dtype).str
+def _gamma_block(seed, start, stop, q, dtype, like):
+    return asarray_like(
+        sketch_rows(seed, start, stop, q, dtype=dtype, stream=STREAM_ERROR_TEST), like
     )
+
+
+def error_test_matrix(n: int, q: int, *, seed: int, row_chunks, dtype, meta=None) -> da.Array:
+    """Γᵀ (n × q), the error test sketch's transpose, as a Dask array in ``row_chunks``; blocks
+    regenerated from the seed (:data:`STREAM_ERROR_TEST`)."""
+    like = meta if meta is not None else np.empty((0, 0), dtype=dtype)
+    name = "lplr-error-test-" + tokenize(seed, n, q, row_chunks, np.dtype(dtype).str)
     bounds = np.cumsum((0, *row_chunks))
     dsk: dict = {
-        (name, i, 0): (
-            _stream_block,
-            seed,
-            int(bounds[i]),
-            int(bounds[i + 1]),
-            tuple(sizes),
-            streams,
-            dtype,
-            like,
-        )
+        (name, i, 0): (_gamma_block, seed, int(bounds[i]), int(bounds[i + 1]), q, dtype, like)
         for i in range(len(row_chunks))
     }
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
     return da.Array(
         graph,
         name,
-        chunks=(tuple(row_chunks), (cols,)),
+        chunks=(tuple(row_chunks), (q,)),
         dtype=dtype,
         meta=asarray_like(np.empty((0, 0), dtype=dtype), like),
     )
 
 
-def _tile(a, s, pg):
-    """One tile's share of the three sketches: ([A_ij·S_j | row ‖·‖²] with a singleton middle
-    axis, [Ψ_i; Γ_i]·A_ij with a singleton leading axis), float32 GEMMs, float64 out. The
-    first is computed exactly as the two-pass sketch's partial, so Y is bit-identical."""
+def _operator_block(seed, start, stop, ell, q):
+    """Rows start:stop of Ψᵀ (sparse: columns and values) and of Γᵀ (dense, float32)."""
+    cols, vals = sparse_sign_rows(seed, start, stop, ell, nnz=CORANGE_NNZ)
+    return cols, vals, sketch_rows(seed, start, stop, q, stream=STREAM_ERROR_TEST)
+
+
+def _operator_layer(seed: int, row_chunks, ell: int, q: int) -> tuple[str, dict]:
+    """One task per row block making its share of Ψ and Γ: (layer name, tasks)."""
+    name = "lplr-corange-" + tokenize(seed, tuple(row_chunks), ell, q, CORANGE_NNZ)
+    bounds = np.cumsum((0, *row_chunks))
+    return name, {
+        (name, i): (_operator_block, seed, int(bounds[i]), int(bounds[i + 1]), ell, q)
+        for i in range(len(row_chunks))
+    }
+
+
+def _corange_product(op, x, ell):
+    """[Ψ_i; Γ_i]·X_i ((ℓ + q) × k) for a row block X_i, in X's precision: ζ additions per
+    entry of X for Ψ, a q-row GEMM for Γ."""
+    cols, vals, gamma_t = op
+    xp = array_namespace(x)
+    w = sparse_rows_product(cols, vals, ell, x)
+    t = xp.matmul(asarray_like(gamma_t, x).astype(x.dtype, copy=False).T, x)
+    return xp.concatenate([w, t])
+
+
+def _tile(a, s, op, ell):
+    """One tile's share of the sketches: ([A_ij·S_j | row ‖·‖²] (float64, a singleton middle
+    axis), [Ψ_i; Γ_i]·A_ij (A's precision)), products in A's precision. The first is computed
+    exactly as the two-pass sketch's partial, so Y is bit-identical."""
     xp = array_namespace(a)
     y = xp.matmul(a, s.astype(a.dtype, copy=False)).astype(np.float64)
     sq = xp.einsum("ij,ij->i", a, a, dtype=np.float64)
     ext = xp.concatenate([y, sq[:, None]], axis=1)[:, None, :]
-    w = xp.matmul(pg.astype(a.dtype, copy=False).T, a).astype(np.float64)[None, :, :]
-    return ext, w
+    return ext, _corange_product(op, a, ell)
+
+
+def _add_partial(total, tile):
+    """The running [W; T] sum of a column panel plus one tile's share (A's precision)."""
+    return tile[1] if total is None else total + tile[1]
 
 
 class SinglePassSketch:
-    """The sketches of one pass over A (lazy Dask arrays, float64).
+    """The sketches of one pass over A (lazy Dask arrays: ``ext`` float64, ``w`` and ``t`` in
+    A's precision, float32 for a float32 A).
 
     Attributes
     ----------
@@ -219,8 +245,10 @@ def single_pass_sketch(
     """Y = A·S, ‖A_i‖², W = Ψ·A and T = Γ·A in one streaming pass over ``a``.
 
     Each tile of ``a`` has one consumer (a task that returns its three partial products), so
-    it is freed as soon as its GEMMs are done. Y is summed over column blocks and W, T over
-    row blocks, each by a fixed tree (``split_every=8``) over the canonical block grid.
+    it is freed as soon as its products are done. Y is summed over column blocks by a fixed
+    tree (``split_every=8``, as in the two-pass sketch) and [W; T] down each column panel in
+    row-block order, both over the canonical block grid: the same sums for any tiling of the
+    input and any worker count.
 
     Parameters
     ----------
@@ -229,9 +257,10 @@ def single_pass_sketch(
     rank : int
         m, the columns of S (and of Y).
     seed : int
-        Keys S (``STREAM_SKETCH``), Ψ (``STREAM_CORANGE``) and Γ (``STREAM_ERROR_TEST``).
+        Keys S (``STREAM_SKETCH``), Ψ (``STREAM_SPARSE_CORANGE``) and Γ
+        (``STREAM_ERROR_TEST``).
     corange_rows : int
-        ℓ, the rows of Ψ.
+        ℓ, the rows of the sparse sign Ψ (:data:`CORANGE_NNZ` nonzeros per column).
     test_rows : int, default ERROR_TEST_ROWS
         q, the rows of Γ.
 
@@ -242,67 +271,93 @@ def single_pass_sketch(
 
     Notes
     -----
-    Cost: (m + ℓ + q)·n·d multiply-adds in the input precision, one read of A. Memory beyond
-    the tiles in flight: per tile an n_i × (m + 1) and an (ℓ + q) × d_j float64 partial; the
-    reductions hold up to 8 of those; the results (n × m and (ℓ + q) × d float64) stay on the
-    workers.
+    Cost: (m + q)·n·d multiply-adds and ζ·n·d additions (ζ = :data:`CORANGE_NNZ`) in the input
+    precision, one read of A. Memory beyond the tiles in flight: Y's tree holds up to 8
+    n_i × (m + 1) float64 partials per row block in progress, and each column panel one
+    running (ℓ + q) × d_j sum in A's precision, which becomes the result; the results (n × m
+    float64 and (ℓ + q) × d) stay on the workers.
     """
-    n, d = a.shape
+    d = a.shape[1]
     like = meta_from_array(a)
     s = sketch_matrix(d, rank, seed=seed, row_chunks=a.chunks[1], dtype=a.dtype, meta=like)
-    pg = corange_test_matrix(
-        n,
-        (corange_rows, test_rows),
-        seed=seed,
-        row_chunks=a.chunks[0],
-        dtype=a.dtype,
-        meta=like,
-    )
-    token = tokenize(a, s, pg)
+    oname, ops = _operator_layer(seed, a.chunks[0], corange_rows, test_rows)
+    token = tokenize(a, s, oname)
     tname, yname, wname = (f"lplr-single-pass-{part}-{token}" for part in ("tile", "y", "w"))
     ni, nj = a.numblocks
-    tiles = {
-        (tname, i, j): (_tile, (a.name, i, j), (s.name, j, 0), (pg.name, i, 0))
-        for i in range(ni)
-        for j in range(nj)
-    }
-    ys = {
-        (yname, i, j, 0): (operator.getitem, (tname, i, j), 0) for i in range(ni) for j in range(nj)
-    }
-    ws = {
-        (wname, i, 0, j): (operator.getitem, (tname, i, j), 1) for i in range(ni) for j in range(nj)
-    }
-    base = HighLevelGraph.merge(a.dask, s.dask, pg.dask)
-    layers: dict = {**base.layers, tname: tiles, yname: ys, wname: ws}
+    # [W; T] is summed down each column panel in row-block order, one running sum
+    # per panel (a chain whose last link is W's block). A tree over the row blocks held up
+    # to 8 rows of float64 partials and the tile outputs waiting for them: 3.4 GB in a worker
+    # on a 65536 × 131072 matrix at ℓ = 1035 (2 workers); this chain 2.5 GB.
+    sname = f"lplr-single-pass-wsum-{token}"
+    tiles: dict = {}
+    ys: dict = {}
+    ws: dict = {}
+    for j in range(nj):
+        prev: tuple | None = None
+        for i in range(ni):
+            tiles[(tname, i, j)] = (_tile, (a.name, i, j), (s.name, j, 0), (oname, i), corange_rows)
+            ys[(yname, i, j, 0)] = (operator.getitem, (tname, i, j), 0)
+            key = (wname, 0, j) if i == ni - 1 else (sname, i, j)
+            ws[key] = (_add_partial, prev, (tname, i, j))
+            prev = key
+    base = HighLevelGraph.merge(a.dask, s.dask)
+    layers: dict = {**base.layers, oname: ops, tname: tiles, yname: ys, wname: ws}
     deps = {
         **base.dependencies,
-        tname: {*a.__dask_layers__(), *s.__dask_layers__(), *pg.__dask_layers__()},
+        oname: set(),
+        tname: {*a.__dask_layers__(), *s.__dask_layers__(), oname},
         yname: {tname},
         wname: {tname},
     }
     graph = HighLevelGraph(layers, deps)
-    meta3 = asarray_like(np.empty((0, 0, 0), dtype=np.float64), like)
     y_part = da.Array(
-        graph, yname, chunks=(a.chunks[0], (1,) * nj, (rank + 1,)), dtype=np.float64, meta=meta3
+        graph,
+        yname,
+        chunks=(a.chunks[0], (1,) * nj, (rank + 1,)),
+        dtype=np.float64,
+        meta=asarray_like(np.empty((0, 0, 0), dtype=np.float64), like),
     )
     rows = corange_rows + test_rows
-    w_part = da.Array(
-        graph, wname, chunks=((1,) * ni, (rows,), a.chunks[1]), dtype=np.float64, meta=meta3
+    wt = da.Array(
+        graph,
+        wname,
+        chunks=((rows,), a.chunks[1]),
+        dtype=a.dtype,
+        meta=asarray_like(np.empty((0, 0), dtype=a.dtype), like),
     )
     ext = y_part.sum(axis=1, split_every=8)
-    wt = w_part.sum(axis=0, split_every=8)
     return SinglePassSketch(ext, wt[:corange_rows], wt[corange_rows:])
 
 
 def sketch_left(lhat: da.Array, rows: tuple[int, int], *, seed: int) -> da.Array:
     """[Ψ·L̂; Γ·L̂] ((ℓ + q) × m, float64) for the row-blocked n × m L̂, reduced over L̂'s row
-    blocks with Ψ and Γ regenerated from the seed; float32 products like W's and T's, so
-    that W − (Ψ·L̂)·R and T − (Γ·L̂)·R̂ compare like with like. Cost: (ℓ + q)·n·m."""
-    n = lhat.shape[0]
-    pg = corange_test_matrix(
-        n, rows, seed=seed, row_chunks=lhat.chunks[0], dtype=lhat.dtype, meta=meta_from_array(lhat)
+    blocks with Ψ and Γ regenerated from the seed; products in L̂'s precision like W's and
+    T's, so that W − (Ψ·L̂)·R and T − (Γ·L̂)·R̂ compare like with like. Cost: ζ·n·m additions
+    and q·n·m multiply-adds."""
+    ell, q = rows
+    lhat = lhat.rechunk({1: -1})
+    oname, ops = _operator_layer(seed, lhat.chunks[0], ell, q)
+    pname = "lplr-corange-left-" + tokenize(lhat, oname)
+    parts: dict = {
+        (pname, i, 0, 0): (_leading_axis, (_corange_product, (oname, i), (lhat.name, i, 0), ell))
+        for i in range(lhat.numblocks[0])
+    }
+    graph = HighLevelGraph(
+        {**lhat.dask.layers, oname: ops, pname: parts},
+        {**lhat.dask.dependencies, oname: set(), pname: {*lhat.__dask_layers__(), oname}},
     )
-    return left_multiply(lhat, pg)
+    part = da.Array(
+        graph,
+        pname,
+        chunks=((1,) * lhat.numblocks[0], (ell + q,), (lhat.shape[1],)),
+        dtype=np.float64,
+        meta=asarray_like(np.empty((0, 0, 0)), meta_from_array(lhat)),
+    )
+    return part.sum(axis=0, split_every=8)
+
+
+def _leading_axis(x):
+    return x.astype(np.float64)[None]
 
 
 # ----------------------------------------------------------------------------- the projection
@@ -465,14 +520,13 @@ def stored_estimate(
     estimate describes. Cost: q·n·m + q·m·d multiply-adds, one read of L and R.
     """
     q = t.shape[0]
-    gamma_t = corange_test_matrix(
+    gamma_t = error_test_matrix(
         left.shape[0],
-        (q,),
+        q,
         seed=seed,
         row_chunks=left.chunks[0],
         dtype=left.dtype,
         meta=meta_from_array(left),
-        streams=(STREAM_ERROR_TEST,),
     )
     # Γ·L̂ (q × m) stays on the workers: one block, handed whole to every panel's task.
     gl = left_multiply(left, gamma_t).rechunk((-1, -1))

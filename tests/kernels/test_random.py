@@ -8,7 +8,7 @@ from itertools import pairwise
 import numpy as np
 import pytest
 
-from lplr_dask.kernels.linalg import gram_pinv
+from lplr_dask.kernels.linalg import gram_pinv, sparse_rows_product
 from lplr_dask.kernels.random import (
     SEED_BLOCK,
     STREAM_DITHER_LEFT,
@@ -17,6 +17,7 @@ from lplr_dask.kernels.random import (
     STREAM_SKETCH,
     block_generator,
     sketch_rows,
+    sparse_sign_rows,
 )
 
 # --------------------------------------------------------------------------------------------
@@ -297,3 +298,68 @@ def test_golden_lplr_svd_mix_stream():
 
     mix = block_generator(7, STREAM_LPLR_SVD_MIX).standard_normal((8, 8))
     assert _digest(mix) == "449eac25b53e37b427367a8a39ebbeaf"
+
+
+# --------------------------------------------------------------------------------------------
+# sparse_sign_rows and its product
+# --------------------------------------------------------------------------------------------
+
+
+def _dense(columns, values, n_cols):
+    psi_t = np.zeros((columns.shape[0], n_cols), dtype=np.float64)
+    np.put_along_axis(psi_t, columns, values.astype(np.float64), axis=1)
+    return psi_t
+
+
+@pytest.mark.parametrize("n_cols, nnz", [(1025, 8), (9, 8), (5, 8), (40, 1)])
+def test_sparse_sign_rows_are_distinct_signs(n_cols, nnz):
+    cols, vals = sparse_sign_rows(5, 1000, 3100, n_cols, nnz=nnz)
+    k = min(nnz, n_cols)
+    assert cols.shape == vals.shape == (2100, k)
+    assert vals.dtype == np.float32
+    assert np.all(np.diff(cols, axis=1) > 0)  # distinct and sorted within each row
+    assert cols.min() >= 0 and cols.max() < n_cols
+    np.testing.assert_array_equal(np.abs(vals), np.float32(1 / np.sqrt(k)))
+    # every column of Ψᵀ (row of Ψ) is used about equally, signs are fair: ±5 σ
+    counts = np.bincount(cols.ravel(), minlength=n_cols)
+    mean = 2100 * k / n_cols
+    assert np.all(np.abs(counts - mean) < 5 * np.sqrt(mean) + 1)
+    plus = np.mean(vals > 0)
+    assert abs(plus - 0.5) < 5 * 0.5 / np.sqrt(vals.size)
+
+
+@pytest.mark.parametrize(
+    ("start", "stop"), [(0, 10), (1000, 3100), (1023, 1025), (2047, 4097), (4999, 5000)]
+)
+def test_sparse_sign_rows_do_not_depend_on_who_asks(start, stop):
+    whole = sparse_sign_rows(17, 0, 5000, 300, nnz=8)
+    part = sparse_sign_rows(17, start, stop, 300, nnz=8)
+    np.testing.assert_array_equal(part[0], whole[0][start:stop])
+    np.testing.assert_array_equal(part[1], whole[1][start:stop])
+    other = sparse_sign_rows(18, 0, 5000, 300, nnz=8)
+    assert not np.array_equal(other[0], whole[0])
+
+
+def test_sparse_rows_product_is_the_dense_product():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((700, 33)).astype(np.float32)
+    cols, vals = sparse_sign_rows(3, 300, 1000, 50, nnz=8)
+    got = sparse_rows_product(cols, vals, 50, x)
+    assert got.shape == (50, 33) and got.dtype == np.float32
+    want = _dense(cols, vals, 50).T @ x.astype(np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    # the embedding preserves norms in expectation: E‖Ψx‖² = ‖x‖²
+    big = sparse_sign_rows(3, 0, 20000, 200, nnz=8)
+    v = rng.standard_normal((20000, 1)).astype(np.float32)
+    ratio = np.sum(sparse_rows_product(*big, 200, v).astype(np.float64) ** 2) / np.sum(v**2.0)
+    assert 0.7 < ratio < 1.3  # ‖Ψv‖²/‖v‖² has standard deviation √(2/ℓ) = 0.1 here
+
+
+def test_golden_sparse_sign_stream():
+    """The seed contract of the single-pass co-range sketch: a change here changes Ψ, so a
+    job sketched before it must not be resumed after it (the job key names the kind)."""
+    import hashlib
+
+    cols, vals = sparse_sign_rows(7, 1000, 3100, 81, nnz=8)
+    digest = hashlib.sha256(cols.tobytes() + vals.tobytes()).hexdigest()[:32]
+    assert digest == "46cd87c3dc6b32068b4ab25b7d74a56f"
