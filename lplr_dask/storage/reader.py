@@ -19,6 +19,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from lplr_dask.errors import InputError, ParameterError
+from lplr_dask.kernels.xp import array_namespace
 from lplr_dask.storage.format import check_group, create_dense, read_factor_block, verify_array
 from lplr_dask.storage.fs import check_output_path, publish, recover_publish, temporary_output
 from lplr_dask.storage.inputs import open_input
@@ -278,10 +279,48 @@ def relative_error(
             f"INPUT has shape {a.shape} but the compressed matrix {cm.path} has shape "
             f"{cm.shape}. Give the INPUT that was compressed into it."
         )
-    ahat = cm.to_dask(dtype=a.dtype).rechunk(a.chunks)
-    a64 = a.astype(np.float64)
-    num, den = da.compute(((a64 - ahat.astype(np.float64)) ** 2).sum(), (a64 * a64).sum())
+    # One task per tile of A: Â_ij = L_i·R_j (+ Q_ij) formed there, the float64 sums of
+    # (A − Â)² and A² returned. Through to_dask() and elementwise float64 arrays this held
+    # 7.5 GB in a worker and took 163 s on a 65536 × 131072 matrix at rank 256.
+    args: list = [a, "ij"]
+    if cm.has("L"):
+        args += [cm.factor("L", a.dtype).rechunk({0: a.chunks[0], 1: -1}), "ik"]
+        args += [cm.factor("R", a.dtype).rechunk({0: -1, 1: a.chunks[1]}), "kj"]
+    if cm.has("Q"):
+        args += [cm.factor("Q", a.dtype).rechunk(a.chunks), "ij"]
+    sums = da.blockwise(
+        _tile_error_sums,
+        "ij",
+        *args,
+        low_rank=cm.has("L"),
+        adjust_chunks={"i": 1, "j": 2},
+        dtype=np.float64,
+        meta=np.empty((0, 0)),
+        concatenate=True,
+    )
+    (parts,) = da.compute(sums)
+    parts = np.asarray(parts)
+    num, den = float(parts[:, 0::2].sum()), float(parts[:, 1::2].sum())
     return float(np.sqrt(num / den)) if den > 0 else 0.0
+
+
+_ERROR_STRIP = 512  # rows of a tile whose float64 residual is formed at once
+
+
+def _tile_error_sums(a, *factors, low_rank: bool):
+    """[Σ (A − Â)², Σ A²] (float64) of one tile, Â = L_i·R_j (+ Q_ij) in A's precision as
+    :meth:`CompressedMatrix.to_dask` forms it, the residual in float64 in strips of rows."""
+    xp = array_namespace(a)
+    ahat = xp.matmul(factors[0], factors[1]) if low_rank else None
+    if len(factors) % 2:  # Q
+        ahat = factors[-1] if ahat is None else ahat + factors[-1]
+    num = den = 0.0
+    for r in range(0, a.shape[0], _ERROR_STRIP):
+        s = slice(r, r + _ERROR_STRIP)
+        d = a[s].astype(np.float64) - ahat[s].astype(np.float64)
+        num += float(xp.einsum("ij,ij->", d, d))
+        den += float(xp.einsum("ij,ij->", a[s], a[s], dtype=np.float64))
+    return np.array([[num, den]])
 
 
 def decompress(compressed, dest, *, overwrite: bool = False, chunks=None) -> str:
