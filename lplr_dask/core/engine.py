@@ -44,6 +44,7 @@ from lplr_dask.kernels.random import (
     STREAM_CODEBOOK_SAMPLE,
     STREAM_DITHER_LEFT,
     STREAM_DITHER_RIGHT,
+    STREAM_SKETCH,
     block_generator,
     sketch_rows,
 )
@@ -156,17 +157,32 @@ def _meta_like(x):
     return meta_from_array(x) if isinstance(x, da.Array) else np.empty((0, 0))
 
 
-def _sketch_block(seed, start, stop, k, dtype, like):
-    return asarray_like(sketch_rows(seed, start, stop, k, dtype=dtype), like)
+def _sketch_block(seed, start, stop, k, dtype, like, stream):
+    return asarray_like(sketch_rows(seed, start, stop, k, dtype=dtype, stream=stream), like)
 
 
-def sketch_matrix(d: int, k: int, *, seed: int, row_chunks, dtype, meta=None) -> da.Array:
-    """The d × k Gaussian sketch S as a Dask array; each block is regenerated from the seed."""
+def sketch_matrix(
+    d: int, k: int, *, seed: int, row_chunks, dtype, meta=None, stream: int = STREAM_SKETCH
+) -> da.Array:
+    """The d × k Gaussian sketch S as a Dask array; each block is regenerated from the seed.
+    ``stream`` draws another Gaussian matrix the same way (``STREAM_ERROR_TEST``: Γᵀ of the
+    single-pass error estimate)."""
     like = meta if meta is not None else np.empty((0, 0), dtype=dtype)
-    name = "lplr-sketch-" + tokenize(seed, d, k, row_chunks, np.dtype(dtype).str, type(like))
+    name = "lplr-sketch-" + tokenize(
+        seed, d, k, row_chunks, np.dtype(dtype).str, type(like), stream
+    )
     bounds = np.cumsum((0, *row_chunks))
     dsk: dict = {
-        (name, j, 0): (_sketch_block, seed, int(bounds[j]), int(bounds[j + 1]), k, dtype, like)
+        (name, j, 0): (
+            _sketch_block,
+            seed,
+            int(bounds[j]),
+            int(bounds[j + 1]),
+            k,
+            dtype,
+            like,
+            stream,
+        )
         for j in range(len(row_chunks))
     }
     graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
@@ -230,9 +246,11 @@ def _sumsq(block):
     return to_numpy(xp.einsum("ij,ij->", block, block, dtype=np.float64)).reshape(1, 1)
 
 
-def _mm_sq_partial(a, b):
-    # The sketch partial plus the tile's row sums of squares as one more column, so each tile
-    # of A has a single consumer and is freed as soon as its GEMM is done (streaming).
+def sketch_partial(a, b):
+    """One tile's share of [A·S | row ‖A_i‖²]: A_ij·S_j in A's precision and the tile's row
+    sums of squares as one more column (float64), with a singleton middle axis. One consumer
+    per tile of A, freed as soon as its GEMM is done (streaming); the single pass calls it
+    too, so its Y is the two-pass Y bit for bit."""
     xp = array_namespace(a)
     y = xp.matmul(a, b.astype(a.dtype, copy=False)).astype(np.float64)
     sq = xp.einsum("ij,ij->i", a, a, dtype=np.float64)
@@ -243,7 +261,7 @@ def sketch_with_norms(a: da.Array, s: da.Array) -> da.Array:
     """[A·S | row ‖A_i‖²] (n × (k + 1), float64) in one streaming pass over A."""
     k = s.shape[1]
     part = da.blockwise(
-        _mm_sq_partial,
+        sketch_partial,
         "ijk",
         a,
         "ij",

@@ -58,6 +58,7 @@ from lplr_dask.core.engine import (
     panel_of,
     shared_state,
     sketch_matrix,
+    sketch_partial,
 )
 from lplr_dask.errors import ParameterError
 from lplr_dask.kernels.linalg import sparse_rows_product
@@ -79,7 +80,6 @@ __all__ = [
     "check_corange_size",
     "corange_size",
     "error_estimate_note",
-    "error_test_matrix",
     "single_pass_sketch",
     "sketch_left",
     "solve_and_quantize",
@@ -148,32 +148,6 @@ def error_estimate_note(test_rows: int = ERROR_TEST_ROWS) -> str:
 # ----------------------------------------------------------------------------- the pass
 
 
-def _gamma_block(seed, start, stop, q, dtype, like):
-    return asarray_like(
-        sketch_rows(seed, start, stop, q, dtype=dtype, stream=STREAM_ERROR_TEST), like
-    )
-
-
-def error_test_matrix(n: int, q: int, *, seed: int, row_chunks, dtype, meta=None) -> da.Array:
-    """Γᵀ (n × q), the error test sketch's transpose, as a Dask array in ``row_chunks``; blocks
-    regenerated from the seed (:data:`STREAM_ERROR_TEST`)."""
-    like = meta if meta is not None else np.empty((0, 0), dtype=dtype)
-    name = "lplr-error-test-" + tokenize(seed, n, q, row_chunks, np.dtype(dtype).str)
-    bounds = np.cumsum((0, *row_chunks))
-    dsk: dict = {
-        (name, i, 0): (_gamma_block, seed, int(bounds[i]), int(bounds[i + 1]), q, dtype, like)
-        for i in range(len(row_chunks))
-    }
-    graph = HighLevelGraph.from_collections(name, dsk, dependencies=())
-    return da.Array(
-        graph,
-        name,
-        chunks=(tuple(row_chunks), (q,)),
-        dtype=dtype,
-        meta=asarray_like(np.empty((0, 0), dtype=dtype), like),
-    )
-
-
 def _operator_block(seed, start, stop, ell, q):
     """Rows start:stop of Ψᵀ (sparse: columns and values) and of Γᵀ (dense, float32)."""
     cols, vals = sparse_sign_rows(seed, start, stop, ell, nnz=CORANGE_NNZ)
@@ -201,14 +175,10 @@ def _corange_product(op, x, ell):
 
 
 def _tile(a, s, op, ell):
-    """One tile's share of the sketches: ([A_ij·S_j | row ‖·‖²] (float64, a singleton middle
-    axis), [Ψ_i; Γ_i]·A_ij (A's precision)), products in A's precision. The first is computed
-    exactly as the two-pass sketch's partial, so Y is bit-identical."""
-    xp = array_namespace(a)
-    y = xp.matmul(a, s.astype(a.dtype, copy=False)).astype(np.float64)
-    sq = xp.einsum("ij,ij->i", a, a, dtype=np.float64)
-    ext = xp.concatenate([y, sq[:, None]], axis=1)[:, None, :]
-    return ext, _corange_product(op, a, ell)
+    """One tile's share of the sketches: the two-pass sketch's partial
+    (:func:`~lplr_dask.core.engine.sketch_partial`, so Y is the two-pass Y bit for bit) and
+    [Ψ_i; Γ_i]·A_ij in A's precision."""
+    return sketch_partial(a, s), _corange_product(op, a, ell)
 
 
 def _add_partial(total, tile):
@@ -520,13 +490,14 @@ def stored_estimate(
     estimate describes. Cost: q·n·m + q·m·d multiply-adds, one read of L and R.
     """
     q = t.shape[0]
-    gamma_t = error_test_matrix(
+    gamma_t = sketch_matrix(
         left.shape[0],
         q,
         seed=seed,
         row_chunks=left.chunks[0],
         dtype=left.dtype,
         meta=meta_from_array(left),
+        stream=STREAM_ERROR_TEST,
     )
     # Γ·L̂ (q × m) stays on the workers: one block, handed whole to every panel's task.
     gl = left_multiply(left, gamma_t).rechunk((-1, -1))

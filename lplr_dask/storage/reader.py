@@ -292,7 +292,6 @@ def relative_error(
         _tile_error_sums,
         "ij",
         *args,
-        low_rank=cm.has("L"),
         adjust_chunks={"i": 1, "j": 2},
         dtype=np.float64,
         meta=np.empty((0, 0)),
@@ -307,11 +306,12 @@ def relative_error(
 _ERROR_STRIP = 512  # rows of a tile whose float64 residual is formed at once
 
 
-def _tile_error_sums(a, *factors, low_rank: bool):
+def _tile_error_sums(a, *factors):
     """[Σ (A − Â)², Σ A²] (float64) of one tile, Â = L_i·R_j (+ Q_ij) in A's precision as
-    :meth:`CompressedMatrix.to_dask` forms it, the residual in float64 in strips of rows."""
+    :meth:`CompressedMatrix.to_dask` forms it (``factors``: L_i, R_j, then Q_ij if stored),
+    the residual in float64 in strips of rows."""
     xp = array_namespace(a)
-    ahat = xp.matmul(factors[0], factors[1]) if low_rank else None
+    ahat = xp.matmul(factors[0], factors[1]) if len(factors) >= 2 else None
     if len(factors) % 2:  # Q
         ahat = factors[-1] if ahat is None else ahat + factors[-1]
     num = den = 0.0
