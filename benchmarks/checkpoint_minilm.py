@@ -112,6 +112,17 @@ def sentences(n: int = 240, *, seed: int = 0) -> list[str]:
     return out
 
 
+def vocabulary_sentences(model_dir, n: int = 240, *, seed: int = 1) -> list[str]:
+    """``n`` strings of 5 to 20 whole words drawn at random (seeded) from the model's own
+    vocabulary (alphabetic entries of at least 3 letters): a held-out check beside
+    :func:`sentences`, whose templates use about a hundred words, so that every row of the
+    word embedding is as likely to be read as any other."""
+    with open(Path(model_dir) / "vocab.txt", encoding="utf-8") as f:
+        words = [w for w in (line.strip() for line in f) if w.isalpha() and len(w) >= 3]
+    rng = np.random.default_rng(seed)
+    return [" ".join(rng.choice(words, rng.integers(5, 21))) + "." for _ in range(n)]
+
+
 def embed(model_dir, texts) -> np.ndarray:
     from sentence_transformers import SentenceTransformer
 
@@ -257,7 +268,7 @@ def main(argv=None) -> int:
                     if r["storage"] == "compressed" and r["rel_fro_error"] > 0
                 )
                 rel = float(np.sqrt(res.total_error2 / norm2))
-                rows[method, b] = (cos, nn, res.bits_per_parameter, rel, res.total_error2)
+                rows[method, b] = (cos, nn, res.bits_per_parameter, rel, res.mean_rel_error2)
                 results[method, b] = res
                 print(
                     f"{method} at {b:g}: {wall:.1f} s, cos {cos:.4f}, NN@10 {nn:.3f}, "
@@ -314,22 +325,25 @@ def main(argv=None) -> int:
         if args.repeat > 1:
             print(f"\nwalls of the {args.repeat} runs per cell: " + str(walls))
         if "auto" in args.methods:
-            print("\nauto's allocation (estimated total squared error; same curves):")
+            print(
+                "\nauto's allocation (its objective, the mean squared relative error per "
+                "parameter; same curves):"
+            )
             for b in budgets:
                 a = allocs.get(("auto", b))
                 if not a:
                     continue
                 base = ", ".join(
-                    f"{m} {v['estimated_total_error2']:.4g}" for m, v in a["baselines"].items()
+                    f"{m} {v['estimated_objective']:.4g}" for m, v in a["baselines"].items()
                 )
-                real = results["auto", b].total_error2
+                real = results["auto", b].mean_rel_error2
                 print(
-                    f"- {b:g} bits: auto estimated {a['estimated_total_error2']:.4g}, real "
+                    f"- {b:g} bits: auto estimated {a['estimated_objective']:.4g}, real "
                     f"{real:.4g}; single methods estimated: {base}"
                 )
             singles = [m for m in args.methods if m != "auto"]
             if singles:
-                print("\nauto against the single methods run (real total squared error):")
+                print("\nauto against the single methods run (real objective, as above):")
             for b in budgets:
                 got = {m: rows[m, b][4] for m in singles if rows.get((m, b))}
                 if rows.get(("auto", b)) and got:

@@ -365,11 +365,12 @@ def main(argv=None) -> int:
         if figures.get("allocation"):
             a = figures["allocation"]
             base = ", ".join(
-                f"{m} {v['estimated_total_error2']:.4g}" for m, v in a["baselines"].items()
+                f"{m} {v['estimated_objective']:.4g}" for m, v in a["baselines"].items()
             )
             print(
-                f"- auto estimated total squared error {a['estimated_total_error2']:.4g} "
-                f"(real {res.total_error2:.4g}); single methods estimated: {base}"
+                "- auto estimated mean squared relative error per parameter "
+                f"{a['estimated_objective']:.4g} (real {res.mean_rel_error2:.4g}); single "
+                f"methods estimated: {base}"
             )
         print("- peak RSS: " + ", ".join(f"{k} {v / 2**30:.2f} GiB" for k, v in rss.items()))
         if "round_trip" in figures:

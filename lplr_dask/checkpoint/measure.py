@@ -59,19 +59,23 @@ __all__ = [
 
 DEFAULT_STAGE_THRESHOLD = 256 * 2**20
 
-CURVE_VERSION = "planner-b4-r4-k2"
+CURVE_VERSION = "planner-b4-r4-k3"
 """Names the estimator behind :func:`planner_curve`; estimates made by another are redone."""
 
 NQ_CURVE_BITS = tuple(range(1, 9))
 
-NQ_CURVE_KINDS = {None: NQ_CURVE_BITS, "clipped": (1, 2)}
+NQ_CURVE_KINDS = {None: NQ_CURVE_BITS, "clipped": (1, 2), "sign": (1,)}
 """Quantizer kinds of a curve's ``nq`` points, with their widths, when the options name
-none: the default (``lloyd``) and ``clipped`` (uniform levels with a zero point on the
-MSE-optimal range per group) at 1–2 bits, so that the allocation picks the kind per tensor by
-its error at its bits. On MiniLM ``clipped`` was chosen for 31, 7 and 1–2 of 39 tensors at
-2, 3 and 4 bits per parameter (at 3 bits per parameter its 2-bit codes), ``normal`` (NF levels)
-never. Its range search costs 2.5× ``lloyd``'s quantization, so its points are scored at 1–2
-bits and on :data:`NQ_KIND_ROWS` rows only."""
+none: the default (``lloyd``), ``clipped`` (uniform levels with a zero point on the
+MSE-optimal range per group) at 1–2 bits and ``sign`` (sign × the group's mean |x|, the
+MSE-optimal symmetric 1-bit code) at 1 bit, so that the allocation picks the kind per tensor
+by its error at its bits. On MiniLM at 2 bits per parameter the allocation stores the word
+embedding (half the parameters) as ``sign`` codes (relative error 0.60 against 0.77 for a
+1-bit ``lloyd`` codebook, whose levels are 0 and one sign) and spends the bits saved on
+the attention and MLP weights;
+``clipped`` is chosen for 2-bit tensors, ``normal`` (NF levels) never. ``clipped``'s range
+search costs 2.5× ``lloyd``'s quantization, so the points of the kinds beyond the options'
+own are scored on :data:`NQ_KIND_ROWS` rows only."""
 
 NQ_KIND_ROWS = 384
 """Rows (a seeded sample) on which the ``nq`` points of the kinds beyond the options' own

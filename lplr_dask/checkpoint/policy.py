@@ -5,15 +5,16 @@ for every tensor's curve of candidates (estimated errors, no compression) and ha
 to :func:`allocate`; only the chosen candidate of each tensor is then compressed.
 
 The ``auto`` policy follows LQ-LoRA's integer program: each compressed tensor t has a curve of
-candidates c with stored bits b_tc (8 × stored bytes, exact) and absolute squared Frobenius
-error e_tc = ‖W_t − Ŵ_tc‖² (the planner's estimate). Choose one candidate per tensor to
-minimise Σ_t e_t under
-Σ_t b_t ≤ budget · Σ_t n_t. :func:`allocate` solves the Lagrangian relaxation
-min Σ_t (e_tc + λ b_tc) by bisection on λ, fills the remaining slack greedily (best error drop
-per bit first), and finally compares the result with every baseline assignment it is given (the
-single methods at the same budget: per tensor the method's best point within the budget, from
-the same curves): so ``auto`` is never worse than the best single method on the estimates, by
-construction; the real errors are measured by the one compression of each tensor.
+candidates c with stored bits b_tc (8 × stored bytes, exact) and an error e_tc (the checkpoint
+layer passes n_t·‖W_t − Ŵ_tc‖²/‖W_t‖², the planner's estimate of the squared relative error
+counted once per parameter: see :func:`lplr_dask.checkpoint.choose_candidates`). Choose one
+candidate per tensor to minimise Σ_t e_t under Σ_t b_t ≤ budget · Σ_t n_t. :func:`allocate`
+solves the Lagrangian relaxation min Σ_t (e_tc + λ b_tc) by bisection on λ, fills the remaining
+slack greedily (best error drop per bit first), and finally compares the result with every
+baseline assignment it is given (the single methods at the same budget: per tensor the
+method's best point within the budget, from the same curves): so ``auto`` is never worse than
+the best single method on the estimates, by construction; the real errors are measured by the
+one compression of each tensor.
 """
 
 from __future__ import annotations
@@ -433,8 +434,8 @@ def allocate(
     Parameters
     ----------
     curves : mapping
-        ``{tensor: {candidate_key: (bits, error)}}``: stored bits (8 × bytes) and absolute
-        squared Frobenius error of every measured candidate.
+        ``{tensor: {candidate_key: (bits, error)}}``: stored bits (8 × bytes) and error (any
+        additive measure: the sum over tensors is minimised) of every measured candidate.
     total_bits : float
         The bits the tensors may use together.
     baselines : sequence of mappings

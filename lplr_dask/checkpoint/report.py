@@ -39,6 +39,14 @@ class CheckpointResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def mean_rel_error2(self) -> float:
+        """Σ_t n_t·ε_t² / Σ_t n_t over the compressed tensors, ε_t = ‖W_t − Ŵ_t‖_F / ‖W_t‖_F:
+        the parameter-weighted mean squared relative error, which ``auto`` minimises."""
+        done = [t for t in self.tensors if t["storage"] == "compressed"]
+        n = sum(t["numel"] for t in done)
+        return sum(t["numel"] * t["rel_fro_error"] ** 2 for t in done) / n if n else 0.0
+
     def table(self) -> str:
         """The per-tensor table as Markdown (compressed tensors, then a passthrough count)."""
         return tensor_table(self.tensors)
