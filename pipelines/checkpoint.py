@@ -154,7 +154,8 @@ def compress_checkpoint_flow(
         f"**{result.method}** at {result.budget} bits per compressed parameter: "
         f"{result.bits_per_parameter:.4f} measured over {result.compressed_parameters:,} "
         f"compressed parameters ({result.overall_bits_per_parameter:.3f} over all "
-        f"{result.total_parameters:,}); total squared error {result.total_error2:.4g}; "
+        f"{result.total_parameters:,}); relative error per parameter (RMS) "
+        f"{result.mean_rel_error2**0.5:.4f}; total squared error {result.total_error2:.4g}; "
         f"{result.seconds:.1f} s.\n\n" + result.table(),
         key="lplr-checkpoint-report",
     )

@@ -48,7 +48,13 @@ out of core from there; smaller ones are compressed from memory.
 from lplr_dask.checkpoint.measure import compress_tensor, estimate_tensor
 from lplr_dask.checkpoint.plan import CheckpointPlan, TensorEntry, plan_checkpoint
 from lplr_dask.checkpoint.policy import TensorPolicy
-from lplr_dask.checkpoint.report import CheckpointResult, checkpoint_info, tensor_rows, tensor_table
+from lplr_dask.checkpoint.report import (
+    CheckpointResult,
+    checkpoint_info,
+    mean_rel_error2,
+    tensor_rows,
+    tensor_table,
+)
 from lplr_dask.checkpoint.restore import restore_checkpoint
 from lplr_dask.checkpoint.run import (
     choose_candidates,
@@ -69,6 +75,7 @@ __all__ = [
     "compress_tensor",
     "estimate_tensor",
     "finalize_checkpoint",
+    "mean_rel_error2",
     "plan_checkpoint",
     "restore_checkpoint",
     "run_tensors",

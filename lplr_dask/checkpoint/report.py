@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -11,7 +12,13 @@ from lplr_dask.checkpoint.index import (
     read_index,
 )
 
-__all__ = ["CheckpointResult", "checkpoint_info", "tensor_rows", "tensor_table"]
+__all__ = [
+    "CheckpointResult",
+    "checkpoint_info",
+    "mean_rel_error2",
+    "tensor_rows",
+    "tensor_table",
+]
 
 
 @dataclass(frozen=True)
@@ -41,15 +48,23 @@ class CheckpointResult:
 
     @property
     def mean_rel_error2(self) -> float:
-        """Σ_t n_t·ε_t² / Σ_t n_t over the compressed tensors, ε_t = ‖W_t − Ŵ_t‖_F / ‖W_t‖_F:
-        the parameter-weighted mean squared relative error, which ``auto`` minimises."""
-        done = [t for t in self.tensors if t["storage"] == "compressed"]
-        n = sum(t["numel"] for t in done)
-        return sum(t["numel"] * t["rel_fro_error"] ** 2 for t in done) / n if n else 0.0
+        """:func:`mean_rel_error2` of :attr:`tensors`, the objective ``auto`` minimises."""
+        return mean_rel_error2(self.tensors)
 
     def table(self) -> str:
         """The per-tensor table as Markdown (compressed tensors, then a passthrough count)."""
         return tensor_table(self.tensors)
+
+
+def mean_rel_error2(tensors: Sequence[Mapping]) -> float:
+    """Σ_t n_t·ε_t² / Σ_t n_t over the compressed tensors of an index or result, with
+    ε_t = ‖W_t − Ŵ_t‖_F / ‖W_t‖_F: the parameter-weighted mean squared relative error (0 when
+    nothing is compressed)."""
+    done = [
+        (math.prod(t["shape"]), t["rel_fro_error"]) for t in tensors if t["storage"] == "compressed"
+    ]
+    n = sum(k for k, _ in done)
+    return sum(k * e**2 for k, e in done) / n if n else 0.0
 
 
 BITS_COLUMN = "bits (B/B'/B_nq)"

@@ -63,12 +63,15 @@ def _scheduler(args):
         yield
 
 
-def _summary(s: dict) -> list[str]:
+def _summary(s: dict, tensors) -> list[str]:
+    from lplr_dask.checkpoint import mean_rel_error2
+
     return [
         f"{s['method']} at budget {s['budget']:g}: {s['bits_per_parameter']:.4f} bits per "
         f"compressed parameter ({s['compressed_parameters']:,} of {s['total_parameters']:,}); "
         f"{s['overall_bits_per_parameter']:.4f} bits per parameter overall",
-        f"  total squared error {s['total_error2']:.6g}; {s['seconds']:.1f} s",
+        f"  relative error per parameter (RMS) {mean_rel_error2(tensors) ** 0.5:.4f}; total "
+        f"squared error {s['total_error2']:.6g}; {s['seconds']:.1f} s",
     ]
 
 
@@ -116,7 +119,8 @@ def cmd_compress(args) -> int:
             **kw,
         )
     record = res.to_dict()
-    emit(args, record, [res.table(), "", *_summary(record), f"  written to {res.output}"])
+    lines = [res.table(), "", *_summary(record, res.tensors), f"  written to {res.output}"]
+    emit(args, record, lines)
     return 0
 
 
@@ -160,7 +164,7 @@ def cmd_info(args) -> int:
         [
             tensor_table(info["tensors"]),
             "",
-            *_summary(info["summary"]),
+            *_summary(info["summary"], info["tensors"]),
             f"  files copied: {', '.join(info['files']) or 'none'}",
             "  integrity: every file matches the sha256 recorded in the index"
             if info["checked"]

@@ -651,6 +651,11 @@ def test_cli_compress_info_restore(tmp_path, sharded, cli, capsys):
     )
     code, stdout, _ = cli(capsys, "checkpoint", "info", dst)
     assert code == 0 and "| model.layers.0.mlp.up.weight | 128×256 | nq+lplr |" in stdout
+    done = [r for r in rec["tensors"] if r["storage"] == "compressed"]
+    rms = np.sqrt(
+        sum(r["numel"] * r["rel_fro_error"] ** 2 for r in done) / sum(r["numel"] for r in done)
+    )
+    assert f"relative error per parameter (RMS) {rms:.4f};" in stdout
     code, stdout, _ = cli(capsys, "checkpoint", "restore", dst, out, "--json")
     assert code == 0 and json.loads(stdout.strip().splitlines()[-1])["output"] == str(out)
     assert set(load_all(out)) == set(load_all(sharded))
