@@ -636,9 +636,11 @@ def compress_checkpoint(
     budget : float
         Bits per compressed parameter over all compressed tensors (see :func:`plan_checkpoint`).
     method : str, default "auto"
-        ``auto`` chooses method, rank and bits per tensor from the planner's estimated error
-        curves to minimise the total squared error; or one of ``lplr``, ``paper``, ``nq``,
-        ``nq+lplr``, ``dsvd``, ``lplr-svd`` at ``budget`` on every tensor.
+        ``auto`` chooses method, rank, bits and ``nq`` quantizer kind per tensor from the
+        planner's estimated error curves to minimise Σ_t n_t·ε_t², each tensor's squared
+        relative error counted once per parameter (:func:`choose_candidates`); or one of
+        ``lplr``, ``paper``, ``nq``, ``nq+lplr``, ``dsvd``, ``lplr-svd`` at ``budget`` on
+        every tensor.
     policy : TensorPolicy, optional
     candidate_budgets : sequence of float, default (2, 3, 4)
         ``auto``: the budgets at which the planner scores the low-rank methods (with ``budget``).

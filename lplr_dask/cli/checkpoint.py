@@ -207,7 +207,13 @@ def add_parser(sub) -> None:
         metavar="BITS_PER_PARAMETER",
         help="bits per compressed parameter over all compressed tensors",
     )
-    p.add_argument("--method", default="auto", choices=CHECKPOINT_METHODS)
+    p.add_argument(
+        "--method",
+        default="auto",
+        choices=CHECKPOINT_METHODS,
+        help="auto (default): method, rank, bits and quantizer kind per tensor, chosen to "
+        "minimise the relative error per parameter within --budget; or one method for all",
+    )
     p.add_argument(
         "--candidate-budgets",
         type=float,
