@@ -49,6 +49,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+import dask
 import dask.array as da
 import numpy as np
 import zarr
@@ -663,7 +664,9 @@ class CompressionJob:
         a = self._operand()
         rows = corange_size(rank, a.shape[0], self.options.corange_size)
         sk = single_pass_sketch(a, rank, seed=cfg.seed, corange_rows=rows)
-        ext, w, t = stages.persist("sketch", sk.ext, sk.w, sk.t)
+        # Dask's low-level fusion drops the tiles' row-first priority (an annotation).
+        with dask.config.set({"optimization.fuse.active": False}):
+            ext, w, t = stages.persist("sketch", sk.ext, sk.w, sk.t)
         y, norm2 = ext[:, :rank], float(ext[:, -1].sum().compute())
         check_finite_input(norm2, a, self.matrix.path or "array", stages)
         return {
