@@ -170,14 +170,13 @@ def main(argv=None) -> int:
     for label, bits, bpp, q, rel, sec in rows:
         bpp_s = f"{bpp:.3f}" if bpp is not None else "-"
         rel_s = f"{rel:.3f}" if rel is not None else "-"
-        cells = _cells(q).replace("   ", " | ")
-        print(f"| {label} | {bits} | {bpp_s} | {cells} | {rel_s} | {sec:.0f} |")
+        print(f"| {label} | {bits} | {bpp_s} | {_cells(q, ' | ')} | {rel_s} | {sec:.0f} |")
     return 0
 
 
-def _cells(q) -> str:
-    """'cos / top-10' on the sentences, then on the vocabulary strings."""
-    return f"{q[0]:.3f} / {q[1]:.3f}   {q[2]:.3f} / {q[3]:.3f}"
+def _cells(q, sep: str = "   ") -> str:
+    """'cos / top-10' on the sentences, then on the vocabulary strings, ``sep`` between."""
+    return f"{q[0]:.3f} / {q[1]:.3f}{sep}{q[2]:.3f} / {q[3]:.3f}"
 
 
 if __name__ == "__main__":

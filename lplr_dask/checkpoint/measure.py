@@ -72,10 +72,9 @@ MSE-optimal symmetric 1-bit code) at 1 bit, so that the allocation picks the kin
 by its error at its bits. On MiniLM at 2 bits per parameter the allocation stores the word
 embedding (half the parameters) as ``sign`` codes (relative error 0.60 against 0.77 for a
 1-bit ``lloyd`` codebook, whose levels are 0 and one sign) and spends the bits saved on
-the attention and MLP weights;
-``clipped`` is chosen for 2-bit tensors, ``normal`` (NF levels) never. ``clipped``'s range
-search costs 2.5× ``lloyd``'s quantization, so the points of the kinds beyond the options'
-own are scored on :data:`NQ_KIND_ROWS` rows only."""
+the attention and MLP weights; ``clipped`` is chosen for 2-bit tensors, ``normal`` (NF levels)
+never. ``clipped``'s range search costs 2.5× ``lloyd``'s quantization, so the points of the
+kinds beyond the options' own are scored on :data:`NQ_KIND_ROWS` rows only."""
 
 NQ_KIND_ROWS = 384
 """Rows (a seeded sample) on which the ``nq`` points of the kinds beyond the options' own

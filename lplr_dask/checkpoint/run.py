@@ -151,7 +151,6 @@ def choose_candidates(plan: CheckpointPlan | Mapping, work_dir) -> tuple[dict, d
         t: {k: (p["bits"], numel[t] * p["estimated_rel_error"] ** 2) for k, p in c.items()}
         for t, c in curves.items()
     }
-    error2 = {t: {k: p["estimated_error2"] for k, p in c.items()} for t, c in curves.items()}
     n_total = sum(numel.values())
     total = plan.budget * n_total
     baselines = {}
@@ -177,7 +176,9 @@ def choose_candidates(plan: CheckpointPlan | Mapping, work_dir) -> tuple[dict, d
     def totals(sel):
         return {
             "estimated_objective": float(sum(data[t][k][1] for t, k in sel.items()) / n_total),
-            "estimated_total_error2": float(sum(error2[t][k] for t, k in sel.items())),
+            "estimated_total_error2": float(
+                sum(curves[t][k]["estimated_error2"] for t, k in sel.items())
+            ),
             "bits": float(sum(data[t][k][0] for t, k in sel.items())),
         }
 

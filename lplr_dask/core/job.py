@@ -83,6 +83,7 @@ from lplr_dask.core.params import CompressionConfig, CompressionOptions, Compres
 from lplr_dask.core.single_pass import (
     CORANGE_NNZ,
     ERROR_TEST_ROWS,
+    SKETCH_CONFIG,
     check_corange_size,
     corange_size,
     error_estimate_note,
@@ -664,8 +665,7 @@ class CompressionJob:
         a = self._operand()
         rows = corange_size(rank, a.shape[0], self.options.corange_size)
         sk = single_pass_sketch(a, rank, seed=cfg.seed, corange_rows=rows)
-        # Dask's low-level fusion drops the tiles' row-first priority (an annotation).
-        with dask.config.set({"optimization.fuse.active": False}):
+        with dask.config.set(SKETCH_CONFIG):
             ext, w, t = stages.persist("sketch", sk.ext, sk.w, sk.t)
         y, norm2 = ext[:, :rank], float(ext[:, -1].sum().compute())
         check_finite_input(norm2, a, self.matrix.path or "array", stages)

@@ -76,6 +76,7 @@ __all__ = [
     "CORANGE_FACTOR",
     "CORANGE_NNZ",
     "ERROR_TEST_ROWS",
+    "SKETCH_CONFIG",
     "SinglePassSketch",
     "check_corange_size",
     "corange_size",
@@ -181,6 +182,12 @@ def _tile(a, s, op, ell):
     return sketch_partial(a, s), _corange_product(op, a, ell)
 
 
+SKETCH_CONFIG = {"optimization.fuse.active": False}
+"""Dask configuration under which :func:`single_pass_sketch`'s arrays are computed: Dask's
+low-level fusion rebuilds the graph without layer annotations, and would drop the row-first
+priority of A's blocks and the tile tasks."""
+
+
 def _row_first(key) -> int:
     """Scheduler priority of a block (name, i, j) of A or of its tile task: row block i
     before i + 1 (higher first); 0 for other keys."""
@@ -225,8 +232,8 @@ def single_pass_sketch(
     tree (``split_every=8``, as in the two-pass sketch) and [W; T] down each column panel in
     row-block order, both over the canonical block grid: the same sums for any tiling of the
     input and any worker count. A's blocks and the tile tasks carry a priority, row block i
-    before i + 1, which the distributed scheduler honours (compute with Dask's low-level
-    fusion off, ``optimization.fuse.active``, or the annotation is dropped): each row's Y
+    before i + 1, which the distributed scheduler honours (compute under
+    :data:`SKETCH_CONFIG`, or fusion drops the annotation): each row's Y
     partials are summed as soon as its row is read, so Y's tree never waits on a later row.
 
     Parameters
