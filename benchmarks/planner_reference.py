@@ -10,11 +10,13 @@ Reads ``reference_errors_public.json`` and builds its matrices with ``public_mat
 pilancilab/matrix-compressor, run on them with B = B′ = 8, CR = 1, at B_nq = 1, 2, 4 bits per
 entry; see DESIGN.md "Reference errors"). Each matrix is written once as a Zarr array under
 ``--workdir`` and compressed with ``compress(A, out, method=M, budget=b)`` for each method M
-of ``--methods`` (default ``lplr``, the default method, and ``auto``), threaded scheduler.
+of ``--methods`` (default ``lplr``, the default method, and ``auto``; ``M:Q`` runs method M
+with ``quantizer=Q``, such as ``lplr:clipped``), threaded scheduler.
 Our bits per entry count every stored scale; the reference counts none, so the comparison
 favours the reference.
 
-Each cell: our exact relative Frobenius error (method, rank, B/B′ chosen) against the best of
+Each cell: our exact relative Frobenius error (method, rank, B/B′ and the kinds of the
+factors' codes chosen) against the best of
 the reference's four (LPLR, LPLR-SVD, DSVD, NQ); "≤" when ours is no worse. The last line is
 one JSON object with every figure.
 """
@@ -91,10 +93,17 @@ def main(argv=None) -> int:
                 "reference": {m: cell[m] for m in ("lplr", "lplr_svd", "dsvd", "nq")},
             }
             for method in methods:
+                name_q = method.split(":")
+                kw = {"quantizer": name_q[1]} if len(name_q) > 1 else {}
                 t0 = time.perf_counter()
                 try:
                     res = compress(
-                        src, work / "out.zarr", method=method, budget=float(bits), overwrite=True
+                        src,
+                        work / "out.zarr",
+                        method=name_q[0],
+                        budget=float(bits),
+                        overwrite=True,
+                        **kw,
                     )
                 except ParameterError as exc:
                     row[method] = {"infeasible": str(exc)}
@@ -107,6 +116,7 @@ def main(argv=None) -> int:
                     bits_right=res.bits_right,
                     bits_matrix=res.bits_matrix,
                     bits_per_entry=res.bits_per_entry,
+                    quantizers=res.plan.get("quantizers"),
                     seconds=time.perf_counter() - t0,
                 )
             rows.append(row)
@@ -122,11 +132,12 @@ def main(argv=None) -> int:
                 cells.append("infeasible")
                 continue
             mark = "≤" if c["error"] <= r["reference_best"] else ">"
-            what = c["chosen"] if c["chosen"] != method else ""
+            what = c["chosen"] if c["chosen"] != method.split(":")[0] else ""
             bl = c["bits_left"] or c["bits_matrix"]
+            kinds = "/".join((c["quantizers"] or {}).values())
             cells.append(
-                f"{c['error']:.4f} {mark} ({what} m={c['rank']}, {bl}/{c['bits_right']}, "
-                f"{c['bits_per_entry']:.3f} b, {c['seconds']:.0f} s)".replace("( ", "(")
+                f"{c['error']:.4f} {mark} ({what} m={c['rank']}, {bl}/{c['bits_right']} "
+                f"{kinds}, {c['bits_per_entry']:.3f} b, {c['seconds']:.0f} s)".replace("( ", "(")
             )
         print(f"| {r['matrix']} | {r['bits']} | {refs} | " + " | ".join(cells) + " |")
     wins = {

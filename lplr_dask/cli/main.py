@@ -37,6 +37,9 @@ def _summary_lines(r: dict) -> list[str]:
     bits = f"B={r['bits_left']} B'={r['bits_right']}" if r.get("rank") else ""
     if r.get("bits_matrix"):
         bits = (bits + f" B_nq={r['bits_matrix']}").strip()
+    kinds = (r.get("plan") or {}).get("quantizers")
+    if kinds:  # what the planner chose for each factor
+        bits += " (" + ", ".join(f"{k} {v}" for k, v in kinds.items()) + ")"
     stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_seconds"].items())
     return [
         f"{r['method']}: {r['shape'][0]}×{r['shape'][1]} → rank {r.get('rank')} {bits}",

@@ -234,7 +234,9 @@ class CompressionOptions:
         asymmetric grid with bfloat16 ends, ``clipped`` the same on MSE-optimal ranges,
         ``normal`` normal-float levels (NF4 at 4 bits), ``lloyd`` a Lloyd–Max codebook fitted
         to the factor, ``sign`` 1-bit sign × mean |x|. Default: per factor
-        :data:`DEFAULT_QUANTIZERS` (``paper``: ``minmax``, which it requires).
+        :data:`DEFAULT_QUANTIZERS` (``paper``: ``minmax``, which it requires); with
+        ``budget`` or ``max_error`` the planner weighs
+        :data:`lplr_dask.core.planner.KIND_CHOICES` against them for L and R.
     block_shape : (int, int), optional
         The canonical block grid of the computation, and the chunk shape of the stored
         factors. Default: at most 4096 × 4096, in nearly equal blocks (see
@@ -450,7 +452,8 @@ DEFAULT_QUANTIZERS = {"left": "lloyd", "right": "lloyd", "matrix": "lloyd"}
 """The quantizer of each factor when ``quantizer`` is not given (``paper`` always uses its
 reference ``minmax``): L (per column), R (group-wise) and Q(A) (group-wise), measured by
 ``benchmarks/bench_quantizers.py --part quality`` at equal widths (lloyd stores no more
-bits than minmax there) until the planner picks per factor. Where ``lloyd`` cannot run
+bits than minmax there); with a budget the planner also weighs
+:data:`lplr_dask.core.planner.KIND_CHOICES` for L and R. Where ``lloyd`` cannot run
 (Q(A) of ``nq+lplr``, R of ``passes=1``) the default is :data:`FALLBACK_QUANTIZER`."""
 FALLBACK_QUANTIZER = "normal"
 ONE_BIT_QUANTIZERS = {"left": "clipped", "right": "clipped", "matrix": "lloyd"}

@@ -107,7 +107,7 @@ from lplr_dask.core.params import (
 from lplr_dask.errors import ParameterError
 from lplr_dask.kernels.codebooks import fit_lloyd
 from lplr_dask.kernels.linalg import gram_pinv, top_eigenvectors
-from lplr_dask.kernels.quantize import block_range, entry_histogram
+from lplr_dask.kernels.quantize import block_range, entry_histogram, quantizer_spec
 from lplr_dask.kernels.random import (
     SEED_BLOCK,
     STREAM_LPLR_SVD_MIX,
@@ -138,6 +138,15 @@ IN_MEMORY_BYTES = 4 << 30
 page cache, a pass costs its GEMM) and bounds them to 3 above it (every pass a cold read)."""
 
 BIT_CHOICES = tuple(range(1, 9))
+KIND_CHOICES = {1: ("sign",), 2: ("clipped",), 3: ("clipped",)}
+"""The quantizers the planner weighs against the default kind of L and R at each width (when
+``quantizer`` is not given): a pair (B, B′) becomes one candidate per combination of kinds,
+screened and scored like the widths. Measured with ``benchmarks/planner_reference.py
+--methods lplr:lloyd,lplr:clipped,lplr:normal,lplr:uniform`` (every factor of one kind):
+``clipped`` won cells whose factors had 1–3 bits (MiniLM's weights, by up to 2 %), ``lloyd``
+every cell with 4 bits or more, ``normal`` and ``uniform`` none; at 1 bit ``sign`` is the
+symmetric alternative to the default ``clipped``. Each kind weighed costs the screen one
+quantization of its sample per width (0.1 s for ``clipped`` at rank 869)."""
 SCREEN_ROWS = 1024
 """Rows of the basis (whole scale groups, seeded) on which the screen measures what each left
 quantizer costs."""
@@ -210,6 +219,7 @@ class Point:
             "bits_right": c.right.bits if c.right is not None else None,
             "bits_matrix": c.matrix.bits if c.matrix is not None else None,
             "quantizer": _kind_of(c),
+            "quantizers": _kinds(c),
             "n_power_iter": c.n_power_iter,
             "passes": self.passes,
             "bits_per_entry": self.bits_per_entry,
@@ -223,6 +233,38 @@ def _kind_of(cfg: CompressionConfig) -> str | None:
         if spec is not None and not spec.is_float:
             return spec.kind
     return None
+
+
+def _kinds(cfg: CompressionConfig) -> dict:
+    """The kind of each stored factor's codes ({"left": ..., "right": ..., "matrix": ...})."""
+    return {
+        name: spec.kind
+        for name, spec in (("left", cfg.left), ("right", cfg.right), ("matrix", cfg.matrix))
+        if spec is not None and not spec.is_float
+    }
+
+
+def _named(spec, name):
+    """``spec`` with the level set of the named quantizer (None: unchanged)."""
+    if name is None or spec is None or spec.is_float:
+        return spec
+    return quantizer_spec(
+        name,
+        bits=spec.bits,
+        granularity=spec.granularity,
+        group_size=spec.group_size,
+        rounding=spec.rounding,
+    )
+
+
+def _left_of(cand) -> tuple:
+    """What fixes a candidate's L̂: its rank, L's width and L's kind."""
+    return cand[0], cand[1], cand[3]
+
+
+def _order(pair) -> tuple:
+    """A total order on pairs (B, B′, kind of L, kind of R); a default kind (None) first."""
+    return pair[0], pair[1], pair[2] or "", pair[3] or ""
 
 
 @dataclass
@@ -638,8 +680,11 @@ factor the planner applies to the two-pass estimate."""
 
 
 class _Planner:
-    def __init__(self, matrix: InputMatrix, options: CompressionOptions, stages, sample_cols):
+    def __init__(
+        self, matrix: InputMatrix, options: CompressionOptions, stages, sample_cols, kinds=True
+    ):
         self.matrix, self.options, self.stages = matrix, options, stages
+        self.kinds = kinds  # weigh KIND_CHOICES against the default kinds
         self.a = matrix.data
         self.shape = tuple(int(v) for v in matrix.shape)
         n, d = self.shape
@@ -669,10 +714,15 @@ class _Planner:
 
     # -------------------------------------------------------------- configurations
 
-    def config(self, fam: _Family, m=None, bl=None, br=None) -> CompressionConfig:
-        key = ("config", fam, m, bl, br)
+    def config(self, fam: _Family, m=None, bl=None, br=None, kl=None, kr=None):
+        """The configuration of candidate (m, B, B′) with the quantizers ``kl`` and ``kr`` of
+        L and R (None: the factor's default)."""
+        key = ("config", fam, m, bl, br, kl, kr)
         if key not in self.cache:
-            self.cache[key] = self._resolve(fam, m, bl, br)
+            cfg = self._resolve(fam, m, bl, br)
+            if kl is not None or kr is not None:
+                cfg = replace(cfg, left=_named(cfg.left, kl), right=_named(cfg.right, kr))
+            self.cache[key] = cfg
         return self.cache[key]
 
     def _resolve(self, fam: _Family, m, bl, br) -> CompressionConfig:
@@ -691,26 +741,27 @@ class _Planner:
         )
         return opts.resolve(self.shape, block_shape=self.matrix.block_shape)
 
-    def rank_for(self, fam, b, bl, br) -> int:
-        key = ("rank", fam, b, bl, br)
+    def rank_for(self, fam, b, bl, br, kl=None, kr=None) -> int:
+        key = ("rank", fam, b, bl, br, kl, kr)
         if key not in self.cache:
             # Only the rank changes the stored bytes: resolve once, vary the rank.
-            base = self.config(fam, 1, bl, br)
+            base = self.config(fam, 1, bl, br, kl, kr)
             self.cache[key] = max_rank_for(
                 self.shape, budget=b, make=lambda m: replace(base, rank=m)
             )
         return self.cache[key]
 
     def ranks(self, fam, b) -> dict:
-        """{(B, B′): m} for every pair of ``fam``'s grid with a rank m ≥ 1 within budget b."""
+        """{(B, B′, kind of L, kind of R): m} for every pair of ``fam``'s grid with a rank
+        m ≥ 1 within budget b."""
         out = {}
-        for bl, br in self.pairs(fam):
+        for p in self.pairs(fam):
             try:
-                m = self.rank_for(fam, b, bl, br)
+                m = self.rank_for(fam, b, *p)
             except ParameterError:  # e.g. quantizer "sign" with more than 1 bit
                 continue
             if m >= 1:
-                out[(bl, br)] = m
+                out[p] = m
         return out
 
     def operand(self, fam: _Family):
@@ -929,9 +980,9 @@ class _Planner:
             tasks[key] = dask.delayed(_screen_head)(c, norms, span=span, svd=svd, n=self.shape[0])
         if quant not in self.cache:
             lefts, rights = set(), set()
-            for bl, br in self.pairs(fam):
+            for p in self.pairs(fam):
                 try:
-                    cfg = self.config(fam, 1, bl, br)
+                    cfg = self.config(fam, 1, *p)
                 except ParameterError:  # e.g. quantizer "sign" with more than 1 bit
                     continue
                 lefts.add(cfg.left)
@@ -969,11 +1020,12 @@ class _Planner:
         sub = self.sample_of(op)
         norms = self.norms(op)
         dtype = self.a.dtype
-        lefts: dict = {}  # (m, B) -> (X, spec, given)
-        for m, bl, br in cands:
-            if (m, bl) in lefts:
+        lefts: dict = {}  # (m, B, kind of L) -> (X, spec, given)
+        for c in cands:
+            m = c[0]
+            if _left_of(c) in lefts:
                 continue
-            cfg = self.config(fam, m, bl, br)
+            cfg = self.config(fam, *c)
             given = None
             if fam.method == "paper":
                 x = self.y[op][:, :m] * math.sqrt(self.k0 / m)
@@ -995,7 +1047,7 @@ class _Planner:
                     dask.delayed(_rotation)(cfg.seed, m), shape=(m, m), dtype=np.float64
                 )
                 x = qb[:, :m] @ t
-            lefts[(m, bl)] = (x, cfg.left, given)
+            lefts[_left_of(c)] = (x, cfg.left, given)
         # X is read three times (ranges, codebook, L̂): keep this round's on the workers
         keys = list(lefts)
         xs = self.stages.persist("plan-basis", *[lefts[key][0] for key in keys])
@@ -1026,7 +1078,7 @@ class _Planner:
                 out_dtype=dtype,
                 dtype=dtype,
             )
-            rights = [self.config(fam, *c).right for c in cands if (c[0], c[1]) == key]
+            rights = [self.config(fam, *c).right for c in cands if _left_of(c) == key]
             work[key] = dask.delayed(_score)(
                 gram(lhat), left_multiply(sub, lhat), given, norms, rights
             )
@@ -1035,7 +1087,7 @@ class _Planner:
             if op is None and fam.method == "lplr" and min(errors) < self.rotated[0]:
                 # the best plain lplr point's rotated basis, for a budget run's basis stage
                 self.rotated = (min(errors), (q, key[0]), lefts[key][0])
-            mine = [c for c in cands if (c[0], c[1]) == key]
+            mine = [c for c in cands if _left_of(c) == key]
             for c, e in zip(mine, errors, strict=True):
                 cfg = self.config(fam, *c)
                 pt = Point(
@@ -1092,11 +1144,24 @@ class _Planner:
         return lefts, rights
 
     def pairs(self, fam: _Family) -> list:
-        """The (B, B′) pairs of ``fam``'s search."""
+        """The (B, B′, kind of L, kind of R) pairs of ``fam``'s search: each width with its
+        factor's default kind (None) and, with ``kinds`` and no ``quantizer`` given, each of
+        :data:`KIND_CHOICES`."""
         if fam.method == "paper":
-            return [(self.options.bits_left or 8, self.options.bits_right or 8)]
+            return [(self.options.bits_left or 8, self.options.bits_right or 8, None, None)]
         lefts, rights = self.grid()
-        return [(bl, br) for bl in lefts for br in rights]
+        choose = self.kinds and fam.quantizer is None
+
+        def kinds(bits):
+            return (None, *KIND_CHOICES.get(bits, ())) if choose else (None,)
+
+        return [
+            (bl, br, kl, kr)
+            for bl in lefts
+            for br in rights
+            for kl in kinds(bl)
+            for kr in kinds(br)
+        ]
 
     def search_budget(self, fam: _Family, b: float, exhaustive: bool = False) -> Point | None:
         """The best candidate of ``fam`` within ``b`` (screened over (B, B′); every
@@ -1144,6 +1209,7 @@ class _Planner:
                             "method": fam.label,
                             "bits_left": p[0],
                             "bits_right": p[1],
+                            "quantizers": _kinds(self.config(fam, 1, *p)),
                             "rank": pairs[p],
                             "budget": b,
                             "bound": lb,
@@ -1158,7 +1224,7 @@ class _Planner:
                 self.ensure(span, [op])
                 inside = covered()
                 best = self._screened(fam, inside, cand, span, exhaustive)
-        self.centre[fam] = best
+        self.centre[fam] = best[:2]
         return self.scored[(fam, *cand(best))]
 
     def extra_cols(self, fam) -> int:
@@ -1180,8 +1246,8 @@ class _Planner:
         every = self.shape[0] * self.shape[1] <= SMALL_ENTRIES
         ranks = [
             m
-            for (bl, br), m in self.ranks(fam, b).items()
-            if every or (abs(bl - cl) <= COVER_BITS and abs(br - cr) <= COVER_BITS)
+            for p, m in self.ranks(fam, b).items()
+            if every or (abs(p[0] - cl) <= COVER_BITS and abs(p[1] - cr) <= COVER_BITS)
         ]
         return max(ranks, default=0) + self.extra_cols(fam)
 
@@ -1205,7 +1271,7 @@ class _Planner:
             self.score(fam, [cand(p) for p in pairs])
         else:
             est = self.modelled(fam, [cand(p) for p in pairs], span)
-            order = sorted(pairs, key=lambda p: (est[cand(p)], p))
+            order = sorted(pairs, key=lambda p: (est[cand(p)], _order(p)))
             self.score(fam, [cand(p) for p in order[:SCREEN_ROUND]])
             while True:
                 done = [p for p in order if (fam, *cand(p)) in self.scored]
@@ -1217,7 +1283,7 @@ class _Planner:
                 self.score(fam, [cand(p) for p in nxt[:SCREEN_ROUND]])
         return min(
             (p for p in pairs if (fam, *cand(p)) in self.scored),
-            key=lambda p: (self._err(fam, cand(p)), p),
+            key=lambda p: (self._err(fam, cand(p)), _order(p)),
         )
 
     def search_error(self, fam: _Family, max_error: float, b0: float) -> Point | None:
@@ -1271,8 +1337,8 @@ class _Planner:
         bisection on the model alone (no exact score, no pass over A)."""
         span = min(self.k, self.k_limit)
         _, left, right = ref.config.low_rank()
-        at = (ref.config.rank, left.bits, right.bits)
-        model = self.modelled(fam, [at], span)[at]
+        scr = self.screen(fam, span)
+        model = _modelled(scr, ref.config.rank, left, right, given_right=fam.method == "dsvd")
         scale = ref.estimated_rel_error / model if model > 0 else 1.0
 
         def best(b) -> float:
@@ -1385,6 +1451,7 @@ def plan(
     sample_cols: int = 2048,
     budgets=None,
     exhaustive: bool = False,
+    kinds: bool = True,
 ) -> Plan:
     """Score the candidate configurations of ``matrix`` under ``options`` from one sketch.
 
@@ -1409,6 +1476,12 @@ def plan(
     exhaustive : bool, default False
         Score every pair of bit widths instead of the screened search (a check of the
         search; costs about four times more scoring).
+    kinds : bool, default True
+        Without a ``quantizer`` in ``options``, weigh the kinds of :data:`KIND_CHOICES`
+        against the default kind of L and of R at each width (one more candidate per kind,
+        screened like the widths; a kind not chosen costs one quantization on the screen's
+        sample). False keeps the defaults (the checkpoint's curves, whose in-memory twin
+        :func:`curve_in_memory` scores every pair).
 
     Returns
     -------
@@ -1450,7 +1523,7 @@ def plan(
         )
     nbytes = int(np.prod(shape)) * matrix.data.dtype.itemsize
     fams = _families(options, shape, nbytes, budgets or (1.0,))
-    pl = _Planner(matrix, options, stages, sample_cols)
+    pl = _Planner(matrix, options, stages, sample_cols, kinds=kinds)
     if options.max_rank is not None:
         pl.k_limit = min(pl.k_limit, options.max_rank)
     # One pass for every operand at the widest budget's cover (nq+lplr's residuals included).
@@ -1581,7 +1654,7 @@ def _curve_in_memory(matrix, a, options, *, budgets, sample_cols):
     shape = (int(a.shape[0]), int(a.shape[1]))
     budgets = tuple(float(b) for b in budgets)
     fams = _families(options, shape, a.nbytes, budgets)
-    pl = _Planner(matrix, options, None, sample_cols)
+    pl = _Planner(matrix, options, None, sample_cols, kinds=False)
     if options.max_rank is not None:
         pl.k_limit = min(pl.k_limit, options.max_rank)
     n, d = shape
@@ -1594,7 +1667,7 @@ def _curve_in_memory(matrix, a, options, *, budgets, sample_cols):
         extra = pl.extra_cols(fam)
         want: dict = {}  # (m, B) -> [B′]
         for b in budgets:
-            for (bl, br), rank in pl.ranks(fam, b).items():
+            for (bl, br, _, _), rank in pl.ranks(fam, b).items():
                 m = min(rank, pl.k_limit - extra)
                 if m >= 1 and br not in want.setdefault((m, bl), []):
                     want[(m, bl)].append(br)
