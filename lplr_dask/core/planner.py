@@ -218,7 +218,6 @@ class Point:
             "bits_left": c.left.bits if c.left is not None else None,
             "bits_right": c.right.bits if c.right is not None else None,
             "bits_matrix": c.matrix.bits if c.matrix is not None else None,
-            "quantizer": _kind_of(c),
             "quantizers": _kinds(c),
             "n_power_iter": c.n_power_iter,
             "passes": self.passes,
@@ -226,13 +225,6 @@ class Point:
             "estimated_rel_error": self.estimated_rel_error,
             "config": c.to_dict(),
         }
-
-
-def _kind_of(cfg: CompressionConfig) -> str | None:
-    for spec in (cfg.left, cfg.right, cfg.matrix):
-        if spec is not None and not spec.is_float:
-            return spec.kind
-    return None
 
 
 def _kinds(cfg: CompressionConfig) -> dict:
@@ -1164,8 +1156,8 @@ class _Planner:
         ]
 
     def search_budget(self, fam: _Family, b: float, exhaustive: bool = False) -> Point | None:
-        """The best candidate of ``fam`` within ``b`` (screened over (B, B′); every
-        pair with ``exhaustive``)."""
+        """The best candidate of ``fam`` within ``b`` (screened over the pairs (B, B′) and
+        the kinds of L and R; every pair with ``exhaustive``)."""
         if fam.method == "nq":
             bits = (fam.bits_matrix,) if fam.bits_matrix else (16, *BIT_CHOICES[::-1])
             fits = [x for x in bits if replace_bits(self, fam, x).bits_per_entry(self.shape) <= b]
