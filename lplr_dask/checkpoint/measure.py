@@ -415,8 +415,8 @@ def planner_curve(
     ``plan(matrix, replace(options, method="auto", budget=max(budgets)), budgets=budgets)``.
     With ``array`` (the matrix in memory) the same points come from
     :func:`lplr_dask.core.planner.curve_in_memory`: NumPy in this thread, no Dask graph.
-    Both keep the default kinds of L and R (``kinds=False``): the tensor's kind is chosen
-    among the ``nq`` points.
+    At B = B′ = 4 both keep the default kinds of L and R (the planner weighs others at 1–3
+    bits only); the tensor's kind is chosen among the ``nq`` points.
 
     Returns
     -------
@@ -446,9 +446,7 @@ def planner_curve(
             continue
         for group in (budgets, *([b] for b in budgets)):  # all at once; one by one if refused
             try:
-                low_rank += plan(
-                    matrix, opts, budgets=group, sample_cols=sample_cols, kinds=False
-                ).curve
+                low_rank += plan(matrix, opts, budgets=group, sample_cols=sample_cols).curve
             except ParameterError:  # some budget does not fit this method on this shape
                 continue
             if group is budgets:

@@ -672,11 +672,8 @@ factor the planner applies to the two-pass estimate."""
 
 
 class _Planner:
-    def __init__(
-        self, matrix: InputMatrix, options: CompressionOptions, stages, sample_cols, kinds=True
-    ):
+    def __init__(self, matrix: InputMatrix, options: CompressionOptions, stages, sample_cols):
         self.matrix, self.options, self.stages = matrix, options, stages
-        self.kinds = kinds  # weigh KIND_CHOICES against the default kinds
         self.a = matrix.data
         self.shape = tuple(int(v) for v in matrix.shape)
         n, d = self.shape
@@ -1137,12 +1134,12 @@ class _Planner:
 
     def pairs(self, fam: _Family) -> list:
         """The (B, B′, kind of L, kind of R) pairs of ``fam``'s search: each width with its
-        factor's default kind (None) and, with ``kinds`` and no ``quantizer`` given, each of
+        factor's default kind (None) and, with no ``quantizer`` given, each of
         :data:`KIND_CHOICES`."""
         if fam.method == "paper":
             return [(self.options.bits_left or 8, self.options.bits_right or 8, None, None)]
         lefts, rights = self.grid()
-        choose = self.kinds and fam.quantizer is None
+        choose = fam.quantizer is None
 
         def kinds(bits):
             return (None, *KIND_CHOICES.get(bits, ())) if choose else (None,)
@@ -1443,7 +1440,6 @@ def plan(
     sample_cols: int = 2048,
     budgets=None,
     exhaustive: bool = False,
-    kinds: bool = True,
 ) -> Plan:
     """Score the candidate configurations of ``matrix`` under ``options`` from one sketch.
 
@@ -1468,13 +1464,6 @@ def plan(
     exhaustive : bool, default False
         Score every pair of bit widths instead of the screened search (a check of the
         search; costs about four times more scoring).
-    kinds : bool, default True
-        Without a ``quantizer`` in ``options``, weigh the kinds of :data:`KIND_CHOICES`
-        against the default kind of L and of R at each width (one more candidate per kind,
-        screened like the widths; a kind not chosen costs one quantization on the screen's
-        sample). False keeps the defaults (the checkpoint's curves, whose in-memory twin
-        :func:`curve_in_memory` scores every pair).
-
     Returns
     -------
     Plan
@@ -1515,7 +1504,7 @@ def plan(
         )
     nbytes = int(np.prod(shape)) * matrix.data.dtype.itemsize
     fams = _families(options, shape, nbytes, budgets or (1.0,))
-    pl = _Planner(matrix, options, stages, sample_cols, kinds=kinds)
+    pl = _Planner(matrix, options, stages, sample_cols)
     if options.max_rank is not None:
         pl.k_limit = min(pl.k_limit, options.max_rank)
     # One pass for every operand at the widest budget's cover (nq+lplr's residuals included).
@@ -1608,7 +1597,10 @@ def curve_in_memory(
     the rank-m rotated basis Q_K[:, :m]·H_m (Q_K from the run's TSQR over A's row blocks: the
     same column signs, hence the same rotated basis) quantized as the run quantizes it, with
     R = G⁺L̂ᵀA quantized as the run does (:func:`_score`). Every pair of the (B, B′) grid is
-    scored (no screen), so fix ``bits_left`` and ``bits_right`` to keep it cheap.
+    scored (no screen), so fix ``bits_left`` and ``bits_right`` to keep it cheap. Each factor
+    keeps its default kind: the points equal :func:`plan`'s where that weighs no other kind
+    (widths above those of :data:`KIND_CHOICES`, or a ``quantizer`` given: the checkpoint's
+    curves, B = B′ = 4).
 
     Parameters
     ----------
@@ -1646,7 +1638,7 @@ def _curve_in_memory(matrix, a, options, *, budgets, sample_cols):
     shape = (int(a.shape[0]), int(a.shape[1]))
     budgets = tuple(float(b) for b in budgets)
     fams = _families(options, shape, a.nbytes, budgets)
-    pl = _Planner(matrix, options, None, sample_cols, kinds=False)
+    pl = _Planner(matrix, options, None, sample_cols)
     if options.max_rank is not None:
         pl.k_limit = min(pl.k_limit, options.max_rank)
     n, d = shape
@@ -1659,7 +1651,9 @@ def _curve_in_memory(matrix, a, options, *, budgets, sample_cols):
         extra = pl.extra_cols(fam)
         want: dict = {}  # (m, B) -> [B′]
         for b in budgets:
-            for (bl, br, _, _), rank in pl.ranks(fam, b).items():
+            for (bl, br, kl, kr), rank in pl.ranks(fam, b).items():
+                if kl is not None or kr is not None:  # the default kinds only
+                    continue
                 m = min(rank, pl.k_limit - extra)
                 if m >= 1 and br not in want.setdefault((m, bl), []):
                     want[(m, bl)].append(br)
