@@ -268,7 +268,7 @@ def main(argv=None) -> int:
                     if r["storage"] == "compressed" and r["rel_fro_error"] > 0
                 )
                 rel = float(np.sqrt(res.total_error2 / norm2))
-                rows[method, b] = (cos, nn, res.bits_per_parameter, rel, res.mean_rel_error2)
+                rows[method, b] = (cos, nn, res.bits_per_parameter, rel)
                 results[method, b] = res
                 print(
                     f"{method} at {b:g}: {wall:.1f} s, cos {cos:.4f}, NN@10 {nn:.3f}, "
@@ -345,10 +345,10 @@ def main(argv=None) -> int:
             if singles:
                 print("\nauto against the single methods run (real objective, as above):")
             for b in budgets:
-                got = {m: rows[m, b][4] for m in singles if rows.get((m, b))}
+                got = {m: results[m, b].mean_rel_error2 for m in singles if rows.get((m, b))}
                 if rows.get(("auto", b)) and got:
                     best = min(got, key=got.get)
-                    a = rows["auto", b][4]
+                    a = results["auto", b].mean_rel_error2
                     print(
                         f"- {b:g} bits: auto {a:.4g} vs best single ({best}) {got[best]:.4g}"
                         f" → {'OK' if a <= got[best] else 'WORSE'}"

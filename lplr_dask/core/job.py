@@ -448,7 +448,7 @@ class CompressionJob:
             extra = {
                 "plan": {
                     "method": point.method,
-                    "quantizers": point.to_dict()["quantizers"],
+                    "quantizers": point.quantizers,
                     "estimated_rel_error": point.estimated_rel_error,
                     "candidates": len(pl.curve),
                     "pruned": len(pl.pruned),

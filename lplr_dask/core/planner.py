@@ -210,6 +210,11 @@ class Point:
     method: str
     passes: int
 
+    @property
+    def quantizers(self) -> dict:
+        """The kind of each stored factor's codes ({"left": ..., "right": ..., "matrix": ...})."""
+        return _kinds(self.config)
+
     def to_dict(self) -> dict:
         c = self.config
         return {
@@ -218,7 +223,7 @@ class Point:
             "bits_left": c.left.bits if c.left is not None else None,
             "bits_right": c.right.bits if c.right is not None else None,
             "bits_matrix": c.matrix.bits if c.matrix is not None else None,
-            "quantizers": _kinds(c),
+            "quantizers": self.quantizers,
             "n_power_iter": c.n_power_iter,
             "passes": self.passes,
             "bits_per_entry": self.bits_per_entry,
@@ -740,11 +745,11 @@ class _Planner:
             )
         return self.cache[key]
 
-    def ranks(self, fam, b) -> dict:
-        """{(B, B′, kind of L, kind of R): m} for every pair of ``fam``'s grid with a rank
-        m ≥ 1 within budget b."""
+    def ranks(self, fam, b, pairs=None) -> dict:
+        """{(B, B′, kind of L, kind of R): m} for every pair of ``fam``'s grid (or of
+        ``pairs``) with a rank m ≥ 1 within budget b."""
         out = {}
-        for p in self.pairs(fam):
+        for p in self.pairs(fam) if pairs is None else pairs:
             try:
                 m = self.rank_for(fam, b, *p)
             except ParameterError:  # e.g. quantizer "sign" with more than 1 bit
@@ -1650,10 +1655,9 @@ def _curve_in_memory(matrix, a, options, *, budgets, sample_cols):
     for fam in fams:
         extra = pl.extra_cols(fam)
         want: dict = {}  # (m, B) -> [B′]
+        defaults = [p for p in pl.pairs(fam) if p[2] is None and p[3] is None]
         for b in budgets:
-            for (bl, br, kl, kr), rank in pl.ranks(fam, b).items():
-                if kl is not None or kr is not None:  # the default kinds only
-                    continue
+            for (bl, br, _, _), rank in pl.ranks(fam, b, defaults).items():
                 m = min(rank, pl.k_limit - extra)
                 if m >= 1 and br not in want.setdefault((m, bl), []):
                     want[(m, bl)].append(br)
