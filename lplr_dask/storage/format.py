@@ -56,6 +56,7 @@ import hashlib
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,7 @@ __all__ = [
     "read_chunk",
     "read_factor_block",
     "read_metadata",
+    "remove_partial_writes",
     "verify_array",
     "write_metadata",
 ]
@@ -748,6 +750,22 @@ def read_factor_block(
         bpath = os.path.join(path, "codebook")
         book = _read_region(bpath, _open_array(bpath), slice(None), slice(None), require=req)
     return dequantize(codes, lo_b, hi_b, spec=spec, dtype=dtype, codebook=book)
+
+
+_PARTIAL_WRITE = re.compile(r"\.[0-9a-f]{32}\.partial$")
+"""The name of a chunk file that Zarr's LocalStore is writing (``<key>.<uuid4 hex>.partial``,
+renamed to ``<key>`` when complete)."""
+
+
+def remove_partial_writes(path) -> list[Path]:
+    """Delete the unfinished chunk writes under ``path``: files that Zarr writes under a
+    temporary name and renames when complete, left behind when a worker was killed while
+    writing (Dask then reruns the task, which writes the chunk again). Call it only when no
+    writer is running. Returns the files removed."""
+    gone = [f for f in Path(path).rglob("*.partial") if _PARTIAL_WRITE.search(f.name)]
+    for f in gone:
+        f.unlink(missing_ok=True)
+    return gone
 
 
 def bytes_on_disk(path) -> dict:

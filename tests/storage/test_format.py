@@ -19,6 +19,7 @@ from lplr_dask.storage.format import (
     layout_nbytes,
     read_factor_block,
     read_metadata,
+    remove_partial_writes,
     write_metadata,
 )
 
@@ -73,6 +74,27 @@ def test_written_bytes_equal_the_layout_and_values_read_back(tmp_path, spec):
     # A block in the middle (byte-aligned, on a group boundary) reads the same values.
     part = read_factor_block(str(root / "R"), spec, SHAPE, slice(7, 33), slice(64, 136))
     np.testing.assert_array_equal(part, expected[7:33, 64:136])
+
+
+def test_an_unfinished_chunk_write_is_removed_and_nothing_else(tmp_path):
+    """A worker killed while Zarr writes a chunk leaves ``<key>.<uuid hex>.partial`` (the task
+    is rerun and writes the chunk again): it counts in the bytes on disk until removed; other
+    files, even ending in .partial, stay."""
+    spec = SPECS[0]
+    root = tmp_path / "g.zarr"
+    zarr.open_group(str(root), mode="w")
+    _write(root, spec, np.random.default_rng(0).standard_normal(SHAPE).astype(np.float32))
+    chunk = next(f for f in (root / "R" / "codes").rglob("*") if f.is_file() and f.parent.name)
+    stale = chunk.with_name(chunk.name + ".0123456789abcdef0123456789abcdef.partial")
+    stale.write_bytes(chunk.read_bytes()[:100])
+    kept = root / "notes.partial"
+    kept.write_text("not a chunk write")
+    assert bytes_on_disk(root)["arrays"] > layout_nbytes(SHAPE, spec, CHUNKS)
+    assert remove_partial_writes(root) == [stale]
+    assert bytes_on_disk(root)["arrays"] == layout_nbytes(SHAPE, spec, CHUNKS) + len(
+        "not a chunk write"
+    )
+    assert kept.exists()
 
 
 def test_metadata_round_trips_and_an_edit_is_detected(tmp_path):
