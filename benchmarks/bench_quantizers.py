@@ -6,6 +6,7 @@ Usage::
     python benchmarks/bench_quantizers.py --part throughput --bits 1,2,3,4,8
     python benchmarks/bench_quantizers.py --part quality --size 2048x1024
     python benchmarks/bench_quantizers.py --part speed --speed-size 4096x4096
+    python benchmarks/bench_quantizers.py --part throughput,speed --device gpu   # CuPy blocks
 
 Parts
 -----
@@ -23,7 +24,8 @@ Parts
     entry are ≤ min–max's at the same widths and whose error is lower wins at equal bits.
 ``speed``
     ``compress`` wall time with the default quantizers and with ``quantizer="minmax"`` at the
-    same configuration, alternately (min of ``--repeat`` runs each), on a generated matrix.
+    same configuration, alternately (min of ``--repeat`` runs each), on a generated matrix;
+    with ``--device gpu`` the input's blocks are CuPy arrays (threaded scheduler, one GPU).
 """
 
 from __future__ import annotations
@@ -53,6 +55,7 @@ from lplr_dask.kernels.quantize import (
     quantize,
     quantizer_spec,
 )
+from lplr_dask.kernels.xp import to_numpy
 
 
 def _table(header, rows):
@@ -64,18 +67,37 @@ def _table(header, rows):
     sys.stdout.flush()
 
 
-def _best(fn, repeat):
+def _sync(device):
+    """Wait for the device's queued work (GPU timings need it)."""
+    if device == "gpu":
+        import cupy
+
+        cupy.cuda.Device().synchronize()
+
+
+def _best(fn, repeat, device="cpu"):
     best = np.inf
     for _ in range(repeat):
+        _sync(device)
         t0 = time.perf_counter()
         out = fn()
+        _sync(device)
         best = min(best, time.perf_counter() - t0)
     return best, out
 
 
-def throughput(bits_list, repeat):
+def _on(device, a):
+    """``a`` on the device: a NumPy array, or a CuPy array for ``"gpu"``."""
+    if device == "gpu":
+        import cupy
+
+        return cupy.asarray(a)
+    return a
+
+
+def throughput(bits_list, repeat, device="cpu"):
     rng = np.random.default_rng(0)
-    x = rng.standard_normal((4096, 4096), dtype=np.float32)
+    x = _on(device, rng.standard_normal((4096, 4096), dtype=np.float32))
     n = x.size
     rows = []
     for name in QUANTIZERS:
@@ -87,16 +109,18 @@ def throughput(bits_list, repeat):
             if spec.stores_codebook:
                 t0 = time.perf_counter()
                 _, hi = block_range(x, spec=spec)
-                book = fit_lloyd(entry_histogram(x, hi, spec=spec), bits)
+                book = fit_lloyd(to_numpy(entry_histogram(x, hi, spec=spec)), bits)
                 fit_s = time.perf_counter() - t0
 
             def enc(spec=spec, book=book):
                 lo, hi = block_range(x, spec=spec)
                 return lo, hi, quantize(x, lo, hi, spec=spec, codebook=book)
 
-            tq, (lo, hi, codes) = _best(enc, repeat)
-            td, y = _best(partial(dequantize, codes, lo, hi, spec=spec, codebook=book), repeat)
-            err = float(np.linalg.norm(x - y) / np.linalg.norm(x))
+            tq, (lo, hi, codes) = _best(enc, repeat, device)
+            td, y = _best(
+                partial(dequantize, codes, lo, hi, spec=spec, codebook=book), repeat, device
+            )
+            err = float(to_numpy(((x - y) ** 2).sum() / (x**2).sum())) ** 0.5
             rows.append(
                 (
                     name,
@@ -107,12 +131,15 @@ def throughput(bits_list, repeat):
                     f"{err:.4f}",
                 )
             )
-    print("\nThroughput on one 4096x4096 float32 block, groups of 128 (Gaussian entries)")
+    where = "one core" if device == "cpu" else "the GPU"
+    print(
+        f"\nThroughput on one 4096x4096 float32 block on {where}, groups of 128 (Gaussian entries)"
+    )
     _table(("quantizer", "bits", "quantize Me/s", "dequantize Me/s", "fit s", "rel err"), rows)
 
 
 def _run(src, out, **kw):
-    r = compress(str(src), str(out), overwrite=True, **kw)
+    r = compress(src, str(out), overwrite=True, **kw)
     return r.rel_fro_error, r.bits_per_entry, r.seconds
 
 
@@ -156,12 +183,20 @@ def quality(size, workdir, bits_list):
         _table(("bits", "L", "R", "bits/entry", "rel err"), rows)
 
 
-def speed(size, workdir, repeat):
+def speed(size, workdir, repeat, device="cpu"):
     n, d = size
-    src = workdir / "speed.zarr"
+    path = workdir / "speed.zarr"
     a = MATRICES[0][1](np.random.default_rng(1), n, d)
-    write_matrix(src, a, (2048, 2048))
+    write_matrix(path, a, (2048, 2048))
     del a
+    src = str(path)
+    if device == "gpu":
+        import cupy
+        import dask.array as da
+
+        src = da.from_zarr(str(path)).map_blocks(
+            cupy.asarray, meta=cupy.empty((0, 0), dtype=np.float32)
+        )
     rows = []
     for method, kw in (
         ("lplr", dict(rank=128, bits_left=4, bits_right=4)),
@@ -190,7 +225,7 @@ def speed(size, workdir, repeat):
             )
         )
     print(
-        f"\ncompress on {n}x{d} (threaded scheduler, min of {repeat}), defaults "
+        f"\ncompress on {n}x{d} ({device}, threaded scheduler, min of {repeat}), defaults "
         f"{params.DEFAULT_QUANTIZERS} vs minmax"
     )
     _table(
@@ -210,7 +245,15 @@ def speed(size, workdir, repeat):
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--part", choices=("throughput", "quality", "speed", "all"), default="all")
+    p.add_argument(
+        "--part", default="all", help="throughput, quality, speed or all; several with commas"
+    )
+    p.add_argument(
+        "--device",
+        choices=("cpu", "gpu"),
+        default="cpu",
+        help="gpu: CuPy blocks (throughput and speed; needs cupy and a CUDA device)",
+    )
     p.add_argument("--bits", default="1,2,3,4,8", help="widths for throughput")
     p.add_argument("--quality-bits", default="1,2,3,4", help="widths for quality")
     p.add_argument("--size", default="2048x1024", help="quality matrices, NxD")
@@ -226,12 +269,13 @@ def main(argv=None) -> int:
         dask.config.set(scheduler="threads"),
     ):
         work = Path(tmp)
-        if args.part in ("throughput", "all"):
-            throughput(bits, args.repeat)
-        if args.part in ("quality", "all"):
+        parts = set(args.part.split(","))
+        if parts & {"throughput", "all"}:
+            throughput(bits, args.repeat, args.device)
+        if parts & {"quality", "all"}:
             quality(size, work, qbits)
-        if args.part in ("speed", "all"):
-            speed(ssize, work, args.repeat)
+        if parts & {"speed", "all"}:
+            speed(ssize, work, args.repeat, args.device)
     return 0
 
 

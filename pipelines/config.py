@@ -77,6 +77,10 @@ class ClusterConfig:
         Local clusters only; default 2 workers sharing the cores.
     memory_limit : str, default "auto"
         Per worker, local clusters only (``"2GiB"``).
+    device : {"auto", "cpu", "gpu"}, default "auto"
+        Where A's tiles are computed (``compress(device=...)``): ``auto`` is ``gpu`` for
+        ``kind: cuda`` and ``cpu`` otherwise; ``gpu`` with ``kind: address`` for a scheduler
+        of ``dask cuda worker`` processes.
     """
 
     kind: str = "local"
@@ -84,10 +88,13 @@ class ClusterConfig:
     n_workers: int | None = None
     threads_per_worker: int | None = None
     memory_limit: str = "auto"
+    device: str = "auto"
 
     def __post_init__(self):
         if self.kind not in ("local", "cuda", "address"):
             raise ConfigError(f"cluster.kind={self.kind!r} is unknown; use local, cuda or address.")
+        if self.device not in ("auto", "cpu", "gpu"):
+            raise ConfigError(f"cluster.device={self.device!r} is unknown; use auto, cpu or gpu.")
         if (self.kind == "address") != (self.address is not None):
             raise ConfigError(
                 "cluster.address is required with cluster.kind: address (tcp://HOST:8786), "
@@ -97,6 +104,13 @@ class ClusterConfig:
             v = getattr(self, name)
             if v is not None and v < 1:
                 raise ConfigError(f"cluster.{name}={v} must be at least 1.")
+
+    @property
+    def compute_device(self) -> str:
+        """``device`` with ``auto`` resolved: ``"gpu"`` on a LocalCUDACluster, else ``"cpu"``."""
+        if self.device != "auto":
+            return self.device
+        return "gpu" if self.kind == "cuda" else "cpu"
 
     @property
     def target(self) -> str:

@@ -94,6 +94,7 @@ def open_job(
     resume: bool,
     verify: bool,
     allow_missing_chunks: bool,
+    device: str = "cpu",
 ) -> CompressionJob:
     """Open the input, check OUTPUT and the parameters, and take the job's work directory."""
     logger = get_run_logger()
@@ -105,6 +106,7 @@ def open_job(
         resume=resume,
         verify=verify,
         allow_missing_chunks=allow_missing_chunks,
+        device=device,
     )
     done = job.open()
     logger.info(
@@ -210,7 +212,8 @@ def compress_matrix(
     compression : CompressionOptions
         method, rank or budget, bits, seed, ... (:class:`lplr_dask.CompressionOptions`).
     cluster : ClusterConfig
-        A new local cluster (default), a LocalCUDACluster, or a scheduler address.
+        A new local cluster (default), a LocalCUDACluster, or a scheduler address; and where
+        the tiles are computed (``device``: the GPU on a LocalCUDACluster).
     overwrite : bool, default False
     resume : bool, default True
         Reuse the stages an earlier crashed run finished (same input and parameters).
@@ -233,6 +236,7 @@ def compress_matrix(
         resume=resume,
         verify=verify,
         allow_missing_chunks=allow_missing_chunks,
+        device=cluster.compute_device,
     )
     progress = _Progress(job, key="lplr-progress")
     job.engine.on_stage = progress.on_stage
@@ -311,7 +315,9 @@ def compress_matrices(config_path: str | None = None, config: FlowConfig | None 
         pairs = cfg.jobs()
         Path(expand(cfg.output_dir)).mkdir(parents=True, exist_ok=True)
         logger.info("%d matri%s to compress", len(pairs), "x" if len(pairs) == 1 else "ces")
-        here = ClusterConfig(kind="address", address=client.scheduler.address)
+        here = ClusterConfig(
+            kind="address", address=client.scheduler.address, device=cfg.cluster.compute_device
+        )
         for source, output in pairs:
             state = compress_matrix(
                 source,

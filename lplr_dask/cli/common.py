@@ -88,6 +88,24 @@ def progress_callback(enabled: bool):
     return on_stage
 
 
+def device_arg(p) -> None:
+    """Add ``--device`` (where A's tiles are computed) to the subparser ``p``."""
+    p.add_argument(
+        "--device",
+        choices=("auto", "cpu", "gpu"),
+        default="auto",
+        help="where A's tiles are computed: 'gpu' copies them to the GPU as they are read "
+        "(CuPy; GPU extra); 'auto' (default) is 'gpu' with --cluster cuda, else 'cpu'",
+    )
+
+
+def device_of(args) -> str:
+    """``--device``, with ``auto`` resolved by ``--cluster``."""
+    if args.device != "auto":
+        return args.device
+    return "gpu" if args.cluster == "cuda" else "cpu"
+
+
 def cluster_args(p, *, default="local", help=None, progress=True):
     """Add ``--cluster``, ``--workers``, ``--threads``, ``--memory-limit`` (and the progress
     flags) to the subparser ``p``."""

@@ -20,6 +20,8 @@ from lplr_dask._version import __version__
 from lplr_dask.cli.common import (
     cluster_args,
     cluster_client,
+    device_arg,
+    device_of,
     emit,
     os_error_message,
     progress_callback,
@@ -148,12 +150,14 @@ def options_from(args) -> CompressionOptions:
 
 def cmd_compress(args) -> int:
     from lplr_dask.core.compress import compress
+    from lplr_dask.core.engine import on_device
     from lplr_dask.storage.fs import check_output_path
     from lplr_dask.storage.inputs import open_input
 
     # Fail fast, before a cluster starts, on the commonest mistakes.
     options = options_from(args)
     matrix = open_input(args.input, allow_missing_chunks=args.allow_missing_chunks)
+    on_device(matrix.data, device_of(args))  # --device gpu without CuPy or a GPU
     check_output_path(
         args.output, overwrite=args.overwrite, inputs=[matrix.path] if matrix.path else ()
     )
@@ -167,6 +171,7 @@ def cmd_compress(args) -> int:
             verify=args.verify,
             on_stage=progress_callback(show_progress(args)),
             allow_missing_chunks=args.allow_missing_chunks,
+            device=device_of(args),
         )
     record = res.to_dict()
     emit(args, record, [*_summary_lines(record), f"  written to {res.output}"])
@@ -295,6 +300,7 @@ def cmd_demo(args) -> int:
                         seed=args.seed,
                         overwrite=True,
                         on_stage=progress_callback(show_progress(args)),
+                        device=device_of(args),
                     )
                 except ParameterError as exc:  # a budget too small for this method
                     rows.append({"method": method, "infeasible": str(exc)})
@@ -378,6 +384,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", action="store_true", help="print one JSON object as the last line")
     cluster_args(p)
+    device_arg(p)
     p.set_defaults(func=cmd_compress)
 
     p = sub.add_parser("info", help="describe a compressed group")
@@ -422,6 +429,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     p.add_argument("--json", action="store_true")
     cluster_args(p)
+    device_arg(p)
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("flow", help="run Prefect flows (flows extra)")

@@ -19,6 +19,7 @@ def compress(
     verify: bool = False,
     allow_missing_chunks: bool = False,
     on_stage: StageCallback | None = None,
+    device: str = "cpu",
     **option_fields,
 ) -> CompressionResult:
     """Compress a matrix into low-rank, low-precision factors A ≈ L·R stored in Zarr.
@@ -63,6 +64,12 @@ def compress(
         (:class:`~lplr_dask.errors.DamagedInputError` naming it): Zarr would read it as the
         fill value. With True, missing chunks are read as the fill value (Zarr leaves out
         chunks that hold only the fill value unless written with ``write_empty_chunks``).
+    device : {"cpu", "gpu"}, default "cpu"
+        ``"gpu"``: A's tiles are copied to the GPU as they are read (CuPy), and the products,
+        quantizers and codebooks run there; intermediates go through host memory to Zarr.
+        Needs CuPy and a CUDA device here and on the workers (a dask-cuda cluster: one
+        worker per GPU). A Dask array of CuPy blocks runs on the GPU with either value. The
+        random streams are drawn on the host, so the codes are the CPU's up to GEMM rounding.
 
     Returns
     -------
@@ -95,5 +102,6 @@ def compress(
         verify=verify,
         on_stage=on_stage,
         allow_missing_chunks=allow_missing_chunks,
+        device=device,
     )
     return job.run()

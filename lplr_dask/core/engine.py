@@ -157,6 +157,58 @@ def _meta_like(x):
     return meta_from_array(x) if isinstance(x, da.Array) else np.empty((0, 0))
 
 
+def on_host(x: da.Array) -> da.Array:
+    """``x`` with NumPy blocks (CuPy blocks copied to the host, as Zarr writes need; NumPy
+    blocks pass through). Applied whatever ``x``'s meta says: a meta that Dask inferred
+    from a kernel can name NumPy for CuPy blocks."""
+    return da.map_blocks(to_numpy, x, dtype=x.dtype, meta=np.empty((0,) * x.ndim, dtype=x.dtype))
+
+
+DEVICES = ("cpu", "gpu")
+
+
+def on_device(x: da.Array, device: str) -> da.Array:
+    """``x`` with blocks on ``device``: ``"cpu"`` leaves it as it is (NumPy, or CuPy blocks
+    the caller made), ``"gpu"`` copies NumPy blocks to the GPU as they are read (CuPy; the
+    tiles' products, quantizers and codebooks then run there).
+
+    Raises
+    ------
+    ParameterError
+        An unknown device, or ``"gpu"`` where CuPy or a CUDA device is missing.
+    """
+    if device not in DEVICES:
+        raise ParameterError(f"device={device!r} is unknown; use one of {', '.join(DEVICES)}.")
+    if device == "cpu":
+        return x
+    try:
+        import cupy
+
+        meta = cupy.empty((0, 0), dtype=x.dtype)
+    except Exception as exc:  # ImportError, or CUDA's errors where no device is usable
+        raise ParameterError(
+            f"device='gpu' needs CuPy and a CUDA device on this machine ({exc}). Install the "
+            "GPU extra (pip install 'lplr-dask[gpu]') where NVIDIA GPUs are, or use "
+            "device='cpu'."
+        ) from exc
+    return like_blocks(x, meta)
+
+
+def like_blocks(x: da.Array, meta) -> da.Array:
+    """``x`` with blocks of the array library of ``meta`` (``meta_from_array`` of the input):
+    an intermediate read back from Zarr goes to the GPU when the input's blocks are CuPy
+    arrays; ``x`` itself when the libraries already agree."""
+    if type(meta_from_array(x)) is type(meta):
+        return x
+    return da.map_blocks(
+        asarray_like,
+        x,
+        like=meta,
+        dtype=x.dtype,
+        meta=asarray_like(np.empty((0,) * x.ndim, dtype=x.dtype), meta),
+    )
+
+
 def _sketch_block(seed, start, stop, k, dtype, like, stream):
     return asarray_like(sketch_rows(seed, start, stop, k, dtype=dtype, stream=stream), like)
 
@@ -198,12 +250,14 @@ def sketch_matrix(
 def _mm_partial(a, b):
     # GEMM in the input precision (float32 speed), partial sums kept in float64.
     xp = array_namespace(a)
-    return xp.matmul(a, b.astype(a.dtype, copy=False)).astype(np.float64)[:, None, :]
+    b = asarray_like(b, a).astype(a.dtype, copy=False)
+    return xp.matmul(a, b).astype(np.float64)[:, None, :]
 
 
 def _tmm_partial(l_block, a):
     xp = array_namespace(a)
-    return xp.matmul(l_block.astype(a.dtype, copy=False).T, a).astype(np.float64)[:, None, :]
+    l_block = asarray_like(l_block, a).astype(a.dtype, copy=False)
+    return xp.matmul(l_block.T, a).astype(np.float64)[:, None, :]
 
 
 def right_multiply(a: da.Array, b: da.Array) -> da.Array:
@@ -252,7 +306,7 @@ def sketch_partial(a, b):
     per tile of A, freed as soon as its GEMM is done (streaming); the single pass calls it
     too, so its Y is the two-pass Y bit for bit."""
     xp = array_namespace(a)
-    y = xp.matmul(a, b.astype(a.dtype, copy=False)).astype(np.float64)
+    y = xp.matmul(a, asarray_like(b, a).astype(a.dtype, copy=False)).astype(np.float64)
     sq = xp.einsum("ij,ij->i", a, a, dtype=np.float64)
     return xp.concatenate([y, sq[:, None]], axis=1)[:, None, :]
 

@@ -62,6 +62,9 @@ from lplr_dask.core.engine import (
     Stages,
     gram,
     left_multiply,
+    like_blocks,
+    on_device,
+    on_host,
     project_and_quantize,
     quantize_left,
     right_multiply,
@@ -158,13 +161,16 @@ def _store(x: da.Array, path: Path, stages: Stages, name: str) -> dict:
         overwrite=True,
     )
     # dask's annotations do not list zarr arrays among store targets
-    stages.compute(name, da.store(x, z, lock=False, compute=False))  # type: ignore[arg-type]
+    store = da.store(on_host(x), z, lock=False, compute=False)  # type: ignore[arg-type]
+    stages.compute(name, store)
     return {"path": path.name, "chunks": [list(c) for c in x.chunks]}
 
 
-def _load(work: Path, ref: dict) -> da.Array:
+def _load(work: Path, ref: dict, meta) -> da.Array:
+    """An intermediate stored by :func:`_store`, with blocks of the library of ``meta`` (the
+    input's: CuPy blocks go back to the GPU)."""
     z = zarr.open_array(str(work / ref["path"]), mode="r")
-    return da.from_zarr(z, chunks=tuple(tuple(c) for c in ref["chunks"]))
+    return like_blocks(da.from_zarr(z, chunks=tuple(tuple(c) for c in ref["chunks"])), meta)
 
 
 def _relative(err2: float, norm2: float) -> float:
@@ -256,6 +262,7 @@ class CompressionJob:
         verify: bool = False,
         on_stage: StageCallback | None = None,
         allow_missing_chunks: bool = False,
+        device: str = "cpu",
     ) -> CompressionJob:
         """Open the input, check OUTPUT and the options against the matrix (no pass over A)
         and prepare the job.
@@ -272,6 +279,8 @@ class CompressionJob:
         allow_missing_chunks : bool, default False
             Read chunks missing from a Zarr INPUT as its fill value instead of refusing it
             (:class:`~lplr_dask.errors.DamagedInputError`); part of the job key.
+        device : {"cpu", "gpu"}, default "cpu"
+            Where A's tiles are computed on (:func:`lplr_dask.core.engine.on_device`).
         """
         matrix = open_input(
             source,
@@ -279,6 +288,7 @@ class CompressionJob:
             group_size=options.group_size or None,
             allow_missing_chunks=allow_missing_chunks,
         )
+        matrix = replace(matrix, data=on_device(matrix.data, device))
         out = check_output_path(
             output, overwrite=overwrite, inputs=[matrix.path] if matrix.path else ()
         )
@@ -315,6 +325,11 @@ class CompressionJob:
         if self._cfg is None:
             raise RuntimeError("the plan stage has not run yet")
         return self._cfg
+
+    @property
+    def _meta(self):
+        """The input's meta array: intermediates are read back into its array library."""
+        return meta_from_array(self.matrix.data)
 
     @property
     def out_tmp(self) -> Path:
@@ -427,7 +442,13 @@ class CompressionJob:
         lo = np.load(self.work_dir / "matrix-lo.npy") if v["ranges"] else None
         hi = np.load(self.work_dir / "matrix-hi.npy") if v["ranges"] else None
         return a.map_blocks(
-            nq_residual, dtype=a.dtype, spec=cfg.matrix, lo=lo, hi=hi, seed=cfg.seed
+            nq_residual,
+            dtype=a.dtype,
+            meta=meta_from_array(a),
+            spec=cfg.matrix,
+            lo=lo,
+            hi=hi,
+            seed=cfg.seed,
         )
 
     def _stage_plan(self) -> dict:
@@ -583,13 +604,14 @@ class CompressionJob:
         q: Any = None  # the orthonormal basis, when this stage loads or makes one
         mode, given = "lstsq", None
         if cfg.method == "paper":
-            basis = _load(work, sketched["Y"])  # Algorithm 1: L = Q(A·S), no orthonormalization
+            # Algorithm 1: L = Q(A·S), no orthonormalization
+            basis = _load(work, sketched["Y"], self._meta)
         elif "X" in sketched:  # the planner's rotated basis, stored by the plan stage
-            basis, stage = _load(work, sketched["X"]), "load-basis"
+            basis, stage = _load(work, sketched["X"], self._meta), "load-basis"
         else:
             # The planner's orthonormal basis, stored by the plan stage; else a QR of Y here.
             qr_pending = "Q" not in sketched
-            q = _load(work, sketched["Y"] if qr_pending else sketched["Q"])
+            q = _load(work, sketched["Y"] if qr_pending else sketched["Q"], self._meta)
             if qr_pending:
                 q = orthonormalize(q)
             basis = q
@@ -646,7 +668,7 @@ class CompressionJob:
         )
         rp, rgr = project_and_quantize(
             a,
-            _load(work, v["Lhat"]),
+            _load(work, v["Lhat"], self._meta),
             npy_array(work / "gram.npy"),  # G and G⁺ (m × m) are read on the workers:
             right,  # no m × m matrix in the graph
             rwriter,
@@ -654,7 +676,7 @@ class CompressionJob:
             stages=self.engine,
             coef=npy_array(work / "coef.npy"),
             mode=v["mode"],
-            given=_load(work, v["given"]) if "given" in v else None,
+            given=_load(work, v["given"], self._meta) if "given" in v else None,
         )
         return {"rp": rp, "rgr": rgr}
 
@@ -696,8 +718,8 @@ class CompressionJob:
         d, panel = self.matrix.shape[1], self.matrix.data.chunksize[1]
         rwriter = create_factor(self.out_tmp, "R", (rank, d), right, (rank, panel))
         est_err2 = solve_and_quantize(
-            _load(work, v["W"]),
-            _load(work, v["T"]),
+            _load(work, v["W"], self._meta),
+            _load(work, v["T"], self._meta),
             npy_array(work / "psi-lhat.npy"),  # Ψ·L̂ and Γ·L̂ are read on the workers:
             npy_array(work / "gamma-lhat.npy"),  # no ℓ × m matrix in the graph
             right,
@@ -726,7 +748,7 @@ class CompressionJob:
         cm = open_compressed(self.out_tmp)
         again = _relative(
             stored_estimate(
-                _load(self.work_dir, self.records["sketch"].values["T"]),
+                _load(self.work_dir, self.records["sketch"].values["T"], self._meta),
                 cm.factor("L", self.matrix.data.dtype),
                 cm.factor("R", np.float64),
                 seed=self.config.seed,

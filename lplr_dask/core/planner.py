@@ -98,6 +98,7 @@ from lplr_dask.core.methods import (
     extend_orthonormal,
     nq_residual,
     orthonormalize,
+    times,
 )
 from lplr_dask.core.params import (
     DEFAULT_SVD_POWER_ITER,
@@ -863,6 +864,7 @@ class _Planner:
             sub = self.sub.map_blocks(
                 nq_residual,
                 dtype=self.sub.dtype,
+                meta=meta_from_array(self.sub),
                 spec=spec,
                 lo=None,
                 hi=None,
@@ -890,7 +892,13 @@ class _Planner:
     def _operand_array(self, op):
         spec = self.residual_specs[op]
         return self.a.map_blocks(
-            nq_residual, dtype=self.a.dtype, spec=spec, lo=None, hi=None, seed=self.options.seed
+            nq_residual,
+            dtype=self.a.dtype,
+            meta=meta_from_array(self.a),
+            spec=spec,
+            lo=None,
+            hi=None,
+            seed=self.options.seed,
         )
 
     def basis(self, op, q):
@@ -1032,7 +1040,7 @@ class _Planner:
                     shape=(qb.shape[1], m),
                     dtype=np.float64,
                 )
-                x = qb @ t
+                x = times(qb, t)  # t is made on the host: times moves it to qb's device
                 if fam.method == "dsvd":
                     given = dask.delayed(_given)(t, qts)
             else:
@@ -1040,7 +1048,7 @@ class _Planner:
                 t = da.from_delayed(
                     dask.delayed(_rotation)(cfg.seed, m), shape=(m, m), dtype=np.float64
                 )
-                x = qb[:, :m] @ t
+                x = times(qb[:, :m], t)
             lefts[_left_of(c)] = (x, cfg.left, given)
         # X is read three times (ranges, codebook, L̂): keep this round's on the workers
         keys = list(lefts)

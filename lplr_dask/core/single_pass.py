@@ -508,7 +508,8 @@ def solve_and_quantize(
 
 def _residual_sumsq(t, r, gamma_l):
     xp = array_namespace(t)
-    resid = t - asarray_like(gamma_l, t) @ r.astype(np.float64)
+    # the factors are read back from disk (NumPy) while T may be on the GPU
+    resid = t - asarray_like(gamma_l, t) @ asarray_like(r, t).astype(np.float64)
     return to_numpy(xp.sum(resid * resid)).reshape(1, 1)
 
 

@@ -19,7 +19,7 @@ from dask.base import tokenize
 from dask.highlevelgraph import HighLevelGraph
 
 from lplr_dask.errors import InputError, ParameterError
-from lplr_dask.kernels.xp import array_namespace
+from lplr_dask.kernels.xp import array_namespace, asarray_like
 from lplr_dask.storage.format import check_group, create_dense, read_factor_block, verify_array
 from lplr_dask.storage.fs import check_output_path, publish, recover_publish, temporary_output
 from lplr_dask.storage.inputs import open_input
@@ -311,6 +311,7 @@ def _tile_error_sums(a, *factors):
     :meth:`CompressedMatrix.to_dask` forms it (``factors``: L_i, R_j, then Q_ij if stored),
     the residual in float64 in strips of rows."""
     xp = array_namespace(a)
+    factors = tuple(asarray_like(f, a) for f in factors)  # read on the host; A may be on a GPU
     ahat = xp.matmul(factors[0], factors[1]) if len(factors) >= 2 else None
     if len(factors) % 2:  # Q
         ahat = factors[-1] if ahat is None else ahat + factors[-1]

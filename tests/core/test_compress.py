@@ -313,3 +313,15 @@ def test_auto_is_the_best_method_on_its_sample(tmp_path, decaying, kind, budget)
 def test_auto_needs_a_budget(tmp_path, decaying_zarr):
     with pytest.raises(ValueError, match=r"method='auto' chooses .* give --budget"):
         compress(decaying_zarr, tmp_path / "o.zarr", method="auto", rank=8)
+
+
+def test_device_is_checked(tmp_path, decaying_zarr):
+    """An unknown device, or the GPU where CuPy is missing, is refused before any pass."""
+    with pytest.raises(ParameterError, match="device='tpu' is unknown"):
+        compress(decaying_zarr, tmp_path / "c.zarr", rank=4, device="tpu")
+    try:
+        import cupy  # noqa: F401
+    except ImportError:
+        with pytest.raises(ParameterError, match=r"needs CuPy.*lplr-dask\[gpu\]"):
+            compress(decaying_zarr, tmp_path / "c.zarr", rank=4, device="gpu")
+    assert not (tmp_path / "c.zarr").exists()

@@ -48,6 +48,7 @@ BASE = {"inputs": ["a.zarr"], "output_dir": "out", "compression": {"budget": 1.0
         ({"cluster": {"kind": "address"}}, "cluster.address is required"),
         ({"cluster": {"kind": "slurm"}}, "cluster.kind='slurm' is unknown"),
         ({"cluster": {"n_workers": 0}}, "cluster.n_workers=0 must be at least 1"),
+        ({"cluster": {"device": "tpu"}}, "cluster.device='tpu' is unknown"),
         ({"resume": "yes"}, "resume='yes' must be true or false"),
         ({"inputs": {}}, "inputs is empty"),
         ({"output_dir": None}, "output_dir=None must be a string"),
@@ -130,3 +131,12 @@ def test_allow_missing_chunks_is_a_run_flag(tmp_path):
     assert parse_config(BASE).allow_missing_chunks is False
     with pytest.raises(ConfigError, match="allow_missing_chunks='yes' must be true or false"):
         parse_config({**BASE, "allow_missing_chunks": "yes"})
+
+
+def test_the_device_follows_the_cluster():
+    """``device: auto`` computes on the GPU on a LocalCUDACluster only; explicit values stay."""
+    assert ClusterConfig(kind="cuda").compute_device == "gpu"
+    assert ClusterConfig().compute_device == "cpu"
+    assert ClusterConfig(kind="cuda", device="cpu").compute_device == "cpu"
+    gpu = ClusterConfig(kind="address", address="tcp://127.0.0.1:8786", device="gpu")
+    assert gpu.compute_device == "gpu"

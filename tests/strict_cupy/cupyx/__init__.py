@@ -1,0 +1,1 @@
+"""The strict stand-in's ``cupyx`` (see ../README.md)."""
