@@ -110,12 +110,13 @@ def open_job(
     )
     done = job.open()
     logger.info(
-        "%s: %s×%s %s, job key %s, stages %s",
+        "%s: %s×%s %s, job key %s, stages %s, tiles on the %s",
         source,
         *job.matrix.shape,
         job.matrix.source_dtype,
         job.key[:16],
         ", ".join(job.stages),
+        device.upper(),
     )
     if done:
         logger.info("resuming: stages %s were finished by an earlier run", ", ".join(done))
