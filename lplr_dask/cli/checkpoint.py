@@ -179,7 +179,8 @@ def _cluster_args(p):
         p,
         default="threads",
         help="'threads' (a thread pool in this process, default), 'local' (a LocalCluster of "
-        "worker processes: one task per tensor spread over them), 'cuda', or a scheduler "
+        "worker processes: one task per tensor spread over them), 'cuda' (tensors are still "
+        "compressed on the CPU, one thread per GPU worker: prefer 'local'), or a scheduler "
         "ADDRESS",
         progress=False,
     )
