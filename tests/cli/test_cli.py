@@ -153,3 +153,19 @@ def test_console_script_and_demo(tmp_path):
     assert "infeasible" in by_method["nq"]  # 1-bit codes plus any scale exceed 1 bit per entry
     assert all(r["bits_per_entry"] <= 1.0 for r in record["results"] if "infeasible" not in r)
     assert by_method["lplr"]["rel_fro_error"] < by_method["paper"]["rel_fro_error"]
+
+
+def test_device_gpu_without_cupy_fails_before_a_cluster(tmp_path, capsys, decaying_zarr):
+    """``--device gpu`` where CuPy is missing: one paragraph naming the extra, exit 2, no
+    OUTPUT (and no cluster started: ``--cluster`` names an address nobody listens on)."""
+    try:
+        import cupy  # noqa: F401
+
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    out = tmp_path / "c.zarr"
+    argv = ["compress", decaying_zarr, out, "--rank", 4, "--device", "gpu"]
+    code, _, err = run(capsys, *argv, "--cluster", "tcp://127.0.0.1:9")
+    assert code == 2 and "needs CuPy" in err and "lplr-dask[gpu]" in err
+    assert not out.exists()
