@@ -9,7 +9,13 @@ import dask
 
 from lplr_dask.errors import ParameterError
 
-__all__ = ["KEEP_MALLOC_DEFAULTS", "NANNY_KEEP_MALLOC_ENV", "READ_AHEAD_THREADS", "dask_client"]
+__all__ = [
+    "KEEP_MALLOC_DEFAULTS",
+    "NANNY_KEEP_MALLOC_ENV",
+    "READ_AHEAD_THREADS",
+    "compute_device",
+    "dask_client",
+]
 
 
 READ_AHEAD_THREADS = 1
@@ -37,6 +43,18 @@ NANNY_KEEP_MALLOC_ENV = {
 the SLURM and Kubernetes recipes in deploy/): this environment variable, set where the worker
 command runs, merges into Dask's ``distributed.nanny.pre-spawn-environ`` and unsets only
 ``MALLOC_TRIM_THRESHOLD_`` (the nannies still set ``OMP_NUM_THREADS=1`` and the like)."""
+
+
+def compute_device(device: str, cluster: str) -> str:
+    """The ``device`` of :func:`lplr_dask.compress` for a ``device`` setting (``"auto"``,
+    ``"cpu"``, ``"gpu"``) on ``cluster`` (as :func:`dask_client` takes it): ``"auto"`` is the
+    GPU on a LocalCUDACluster (``"cuda"``) and the CPU elsewhere (a scheduler address may have
+    either kind of worker: say ``"gpu"`` for ``dask cuda worker`` processes)."""
+    if device not in ("auto", "cpu", "gpu"):
+        raise ParameterError(f"device={device!r} is unknown; use auto, cpu or gpu.")
+    if device != "auto":
+        return device
+    return "gpu" if cluster == "cuda" else "cpu"
 
 
 def _default_workers() -> tuple[int, int]:

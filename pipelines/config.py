@@ -107,10 +107,10 @@ class ClusterConfig:
 
     @property
     def compute_device(self) -> str:
-        """``device`` with ``auto`` resolved: ``"gpu"`` on a LocalCUDACluster, else ``"cpu"``."""
-        if self.device != "auto":
-            return self.device
-        return "gpu" if self.kind == "cuda" else "cpu"
+        """``device`` with ``auto`` resolved (:func:`lplr_dask.cluster.compute_device`)."""
+        from lplr_dask.cluster import compute_device
+
+        return compute_device(self.device, self.kind)
 
     @property
     def target(self) -> str:

@@ -101,9 +101,9 @@ def device_arg(p) -> None:
 
 def device_of(args) -> str:
     """``--device``, with ``auto`` resolved by ``--cluster``."""
-    if args.device != "auto":
-        return args.device
-    return "gpu" if args.cluster == "cuda" else "cpu"
+    from lplr_dask.cluster import compute_device
+
+    return compute_device(args.device, args.cluster)
 
 
 def cluster_args(p, *, default="local", help=None, progress=True):
