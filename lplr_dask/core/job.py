@@ -75,10 +75,10 @@ from lplr_dask.core.methods import (
     ROTATED_METHODS,
     check_finite_input,
     npy_array,
-    nq_residual,
     orthonormal_row_chunks,
     orthonormalize,
     quantize_matrix,
+    residual_array,
     rotation_array,
     times,
 )
@@ -441,15 +441,7 @@ class CompressionJob:
         v = self.records["quantize-matrix"].values
         lo = np.load(self.work_dir / "matrix-lo.npy") if v["ranges"] else None
         hi = np.load(self.work_dir / "matrix-hi.npy") if v["ranges"] else None
-        return a.map_blocks(
-            nq_residual,
-            dtype=a.dtype,
-            meta=meta_from_array(a),
-            spec=cfg.matrix,
-            lo=lo,
-            hi=hi,
-            seed=cfg.seed,
-        )
+        return residual_array(a, cfg.matrix, seed=cfg.seed, lo=lo, hi=hi)
 
     def _stage_plan(self) -> dict:
         search: list = []

@@ -9,6 +9,7 @@ from pathlib import Path
 import dask
 import dask.array as da
 import numpy as np
+from dask.array.utils import meta_from_array
 from dask.base import tokenize
 
 from lplr_dask.core.engine import (
@@ -35,6 +36,7 @@ __all__ = [
     "orthonormal_row_chunks",
     "orthonormalize",
     "quantize_matrix",
+    "residual_array",
     "rotation_array",
     "times",
 ]
@@ -193,6 +195,22 @@ def nq_residual(a, *, spec, lo, hi, seed, codebook=None, block_info=None):
         a, spec=spec, lo=lo, hi=hi, seed=seed, codebook=codebook, block_info=block_info
     )
     return a - ahat
+
+
+def residual_array(a: da.Array, spec, *, seed: int, lo=None, hi=None) -> da.Array:
+    """A − Q(A) block by block (``nq_residual``), in ``a``'s array library: the operand of the
+    low-rank stages of ``nq+lplr``. ``lo``/``hi``: per-matrix ranges, or None for ranges per
+    block."""
+    return da.map_blocks(
+        nq_residual,
+        a,
+        dtype=a.dtype,
+        meta=meta_from_array(a),  # Dask would infer NumPy for CuPy blocks
+        spec=spec,
+        lo=lo,
+        hi=hi,
+        seed=seed,
+    )
 
 
 def quantize_matrix(a, spec, root, stages, seed, source):

@@ -98,6 +98,7 @@ from lplr_dask.core.methods import (
     extend_orthonormal,
     nq_residual,
     orthonormalize,
+    residual_array,
     times,
 )
 from lplr_dask.core.params import (
@@ -860,16 +861,7 @@ class _Planner:
 
     def sample_of(self, op):
         if op not in self.subs:
-            spec = self.residual_specs[op]
-            sub = self.sub.map_blocks(
-                nq_residual,
-                dtype=self.sub.dtype,
-                meta=meta_from_array(self.sub),
-                spec=spec,
-                lo=None,
-                hi=None,
-                seed=self.options.seed,
-            )
+            sub = residual_array(self.sub, self.residual_specs[op], seed=self.options.seed)
             (self.subs[op],) = self.stages.persist("plan-sample", sub)
         return self.subs[op]
 
@@ -890,16 +882,7 @@ class _Planner:
         return self.power[key]
 
     def _operand_array(self, op):
-        spec = self.residual_specs[op]
-        return self.a.map_blocks(
-            nq_residual,
-            dtype=self.a.dtype,
-            meta=meta_from_array(self.a),
-            spec=spec,
-            lo=None,
-            hi=None,
-            seed=self.options.seed,
-        )
+        return residual_array(self.a, self.residual_specs[op], seed=self.options.seed)
 
     def basis(self, op, q):
         key = (op, q)
@@ -1477,6 +1460,7 @@ def plan(
     exhaustive : bool, default False
         Score every pair of bit widths instead of the screened search (a check of the
         search; costs about four times more scoring).
+
     Returns
     -------
     Plan
