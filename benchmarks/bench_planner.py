@@ -5,6 +5,7 @@ Usage::
 
     python benchmarks/bench_planner.py                       # 12288², work dir /tmp/lplr-planner
     python benchmarks/bench_planner.py --n 16384 --demo      # also `lplr demo`'s bits / budget
+    python benchmarks/bench_planner.py --method auto         # the default under a budget
 
 Matrices (written once with :func:`lplr_dask.datasets.low_rank_plus_noise` into ``--workdir``
 and reused): ``lrn`` n × n, rank 512, s_i = 0.99^i, noise 5 % of ‖A‖_F (the demo's kind), and
@@ -12,8 +13,10 @@ and reused): ``lrn`` n × n, rank 512, s_i = 0.99^i, noise 5 % of ‖A‖_F (the
 
 Figures, on a LocalCluster of 2 worker processes × 1 thread (``lplr compress``'s default):
 
-1. ``compress(A, budget=B)`` wall (the plan stage included), then ``compress`` with the chosen
-   rank and bit widths given directly, and their ratio (goal ≤ 1.3);
+1. ``compress(A, method=M, budget=B)`` wall (the plan stage included; ``--method``, default
+   ``lplr``: the planner's cost for one method), then ``compress`` with the chosen method,
+   rank, power iterations and bit widths given directly, and their ratio (goal ≤ 1.3 for
+   ``lplr``; ``auto``, the default under a budget, also weighs five other families);
 2. bits per entry used / budget (goal ≥ 97 %);
 3. ``compress(A, max_error=E)`` on both matrices: target, achieved exact error, bits per entry,
    and the exact error of ``compress(A, budget=0.9 × those bits)`` (above E when the bits are
@@ -63,6 +66,7 @@ def main(argv=None) -> int:
     ap.add_argument("--budget", type=float, default=1.0)
     ap.add_argument("--errors", default="0.06,0.1", help="max_error targets: lrn, slow")
     ap.add_argument("--demo", action="store_true", help="also run `lplr demo --json`")
+    ap.add_argument("--method", default="lplr", help="the method of the planned runs")
     ap.add_argument(
         "--repeat", type=int, default=1, help="budget/direct pairs to run; the fastest of each"
     )
@@ -72,18 +76,19 @@ def main(argv=None) -> int:
     n = args.n
     lrn = _matrix(work, "lrn", (n, n), rank=512, decay=0.99, noise=0.05)
     slow = _matrix(work, "slow", (n, n // 2), rank=512, decay=0.995, noise=0.02)
-    figures: dict = {"n": n, "budget": args.budget}
+    figures: dict = {"n": n, "budget": args.budget, "method": args.method}
     with dask_client("local"):
         # Warm up (worker imports, A in the page cache) so neither timed run pays for it.
         _run(lrn, work / "warm.zarr", rank=8, bits_left=8, bits_right=8)
         walls: dict = {"budget": [], "direct": []}
         best: dict = {}
         for _ in range(max(1, args.repeat)):
-            res_b, t_b = _run(lrn, work / "budget.zarr", budget=args.budget)
+            res_b, t_b = _run(lrn, work / "budget.zarr", method=args.method, budget=args.budget)
             res_d, t_d = _run(
                 lrn,
                 work / "direct.zarr",
                 method=res_b.method,
+                n_power_iter=res_b.n_power_iter,
                 rank=res_b.rank,
                 bits_left=res_b.bits_left,
                 bits_right=res_b.bits_right,
@@ -112,11 +117,15 @@ def main(argv=None) -> int:
             budget_stages=res_b.stage_seconds,
             direct_stages=res_d.stage_seconds,
         )
-        print(f"\n## --budget {args.budget} on {n}×{n} (2 workers × 1 thread, shared machine)\n")
+        print(
+            f"\n## --method {args.method} --budget {args.budget} on {n}×{n} "
+            "(2 workers × 1 thread, shared machine)\n"
+        )
         print("| run | wall s | rank | B/B′ | bits/entry | error |")
         print("|---|---|---|---|---|---|")
         print(
-            f"| --budget {args.budget} | {t_b:.1f} | {res_b.rank} | {res_b.bits_left}/"
+            f"| --budget {args.budget} ({res_b.plan.get('method')}) | {t_b:.1f} | "
+            f"{res_b.rank} | {res_b.bits_left}/"
             f"{res_b.bits_right} | {res_b.bits_per_entry:.4f} | {res_b.rel_fro_error:.5f} |"
         )
         print(
@@ -136,8 +145,10 @@ def main(argv=None) -> int:
         for src, target in zip(
             (lrn, slow), (float(e) for e in args.errors.split(",")), strict=True
         ):
-            res_e, t_e = _run(src, work / "maxerr.zarr", max_error=target)
-            res_l, _ = _run(src, work / "less.zarr", budget=0.9 * res_e.bits_per_entry)
+            res_e, t_e = _run(src, work / "maxerr.zarr", method=args.method, max_error=target)
+            res_l, _ = _run(
+                src, work / "less.zarr", method=args.method, budget=0.9 * res_e.bits_per_entry
+            )
             rows.append(
                 dict(
                     matrix=Path(src).name,

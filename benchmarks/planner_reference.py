@@ -10,8 +10,9 @@ Reads ``reference_errors_public.json`` and builds its matrices with ``public_mat
 pilancilab/matrix-compressor, run on them with B = B′ = 8, CR = 1, at B_nq = 1, 2, 4 bits per
 entry; see DESIGN.md "Reference errors"). Each matrix is written once as a Zarr array under
 ``--workdir`` and compressed with ``compress(A, out, method=M, budget=b)`` for each method M
-of ``--methods`` (default ``lplr``, the default method, and ``auto``; ``M:Q`` runs method M
-with ``quantizer=Q``, such as ``lplr:clipped``), threaded scheduler.
+of ``--methods`` (default ``default,lplr``: ``default`` passes no method, which under a budget
+is ``auto``; ``M:Q`` runs method M with ``quantizer=Q``, such as ``lplr:clipped``), threaded
+scheduler.
 Our bits per entry count every stored scale; the reference counts none, so the comparison
 favours the reference.
 
@@ -65,7 +66,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shared", default=str(HERE.parent.parent / "shared"))
     ap.add_argument("--workdir", default="/tmp/lplr-reference")
-    ap.add_argument("--methods", default="lplr,auto")
+    ap.add_argument("--methods", default="default,lplr")
     ap.add_argument("--only", default="", help="substring of the matrix names to run")
     args = ap.parse_args(argv)
     shared, work = Path(args.shared), Path(args.workdir)
@@ -95,12 +96,13 @@ def main(argv=None) -> int:
             for method in methods:
                 name_q = method.split(":")
                 kw = {"quantizer": name_q[1]} if len(name_q) > 1 else {}
+                if name_q[0] != "default":  # "default": the method compress() chooses
+                    kw["method"] = name_q[0]
                 t0 = time.perf_counter()
                 try:
                     res = compress(
                         src,
                         work / "out.zarr",
-                        method=name_q[0],
                         budget=float(bits),
                         overwrite=True,
                         **kw,

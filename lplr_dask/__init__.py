@@ -2,7 +2,7 @@
 
 The public API::
 
-    compress(source, output, *, rank=..., budget=..., method="lplr", ...) -> CompressionResult
+    compress(source, output, *, rank=... | budget=..., method=..., ...) -> CompressionResult
     CompressionOptions(method=..., rank=..., ...)   # the same options as one validated object
     CompressionJob.create(source, output, options, resume=True)  # the same, stage by stage
     compress_checkpoint(src, dst, *, budget, method="auto") / restore_checkpoint(dst, out)

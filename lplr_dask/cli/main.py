@@ -75,7 +75,8 @@ OPTION_FLAGS = {
     "bits_matrix": dict(type=int, metavar="B_NQ", help="bits per entry of Q(A): nq, nq+lplr"),
     "method": dict(
         choices=METHODS,
-        help="auto (with --budget or --max-error): the best of every method on a column sample",
+        help="default: auto with --budget or --max-error (the best of every method within "
+        "--max-passes, scored on a column sample), lplr with --rank",
     ),
     "seed": dict(type=int),
     "group_size": dict(

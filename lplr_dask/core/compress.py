@@ -40,7 +40,8 @@ def compress(
         place when complete.
     options : CompressionOptions, optional
         The method and its parameters (:class:`~lplr_dask.core.params.CompressionOptions`,
-        where each is described): ``method`` (default ``"lplr"``), ``rank`` (m), ``budget``
+        where each is described): ``method`` (default ``"auto"`` with ``budget`` or
+        ``max_error``, ``"lplr"`` with ``rank``), ``rank`` (m), ``budget``
         (bits per entry), ``bits_left`` (B), ``bits_right`` (B′), ``bits_matrix`` (B_nq),
         ``group_size`` (128), ``n_oversamples`` (0), ``n_power_iter``, ``seed`` (0),
         ``rounding`` (``"nearest"``), ``block_shape``, ``max_error`` (E: the fewest bits
@@ -82,8 +83,10 @@ def compress(
 
     Notes
     -----
-    Passes over A: 2 for ``lplr`` (+2 per power iteration, +1 with oversampling), +1 pass over
-    a column sample and one sketch for ``budget``; 1 with ``passes=1`` (+1 with ``verify``).
+    Passes over A: 2 for ``lplr`` (+2 per power iteration, +1 with oversampling); with
+    ``budget`` the planner's pass (the sketch and a column sample) replaces the sketch pass,
+    and ``auto`` may choose a method with more, within ``max_passes``; 1 with ``passes=1``
+    (+1 with ``verify``).
     Memory beyond one tile per worker thread: the n × (m + p) sketch and basis and the
     m × d_panel projection partials, on the workers (``passes=1``: also W, ℓ × d float64).
     The driver holds only m × m matrices (``passes=1``: ℓ × m).

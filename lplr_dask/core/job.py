@@ -372,7 +372,7 @@ class CompressionJob:
         if "plan" in self.records:
             cfg = CompressionConfig.from_dict(self.records["plan"].values["config"])
             if self.records["plan"].values.get("passes") == 1:
-                self._single_pass(cfg.low_rank()[0])
+                self._single_pass(cfg)
             if cfg.block_shape is None:  # a plan record of an earlier version
                 cfg = replace(cfg, block_shape=tuple(self.matrix.block_shape))
             self._cfg = cfg
@@ -475,7 +475,7 @@ class CompressionJob:
             }
             # max_passes=1 chose the one-pass mode of a low-rank method (nq reads A once anyway)
             if point.passes == 1 and opts.passes != 1 and cfg.method in ("lplr", "paper"):
-                self._single_pass(cfg.low_rank()[0])
+                self._single_pass(cfg)
                 extra["passes"] = 1
             handed = pl.sketch_for(cfg) if self.options.passes != 1 else None
             if handed is not None:  # the sketch stage takes it: no second sketch pass
@@ -501,11 +501,18 @@ class CompressionJob:
         ref = _store(y, self.work_dir / "Y.zarr", self.engine, "plan")
         return {"norm2": norm2, "Y": ref, "from_plan": True}
 
-    def _single_pass(self, rank: int) -> None:
+    def _single_pass(self, cfg: CompressionConfig) -> None:
         """Run the planner's choice with ``passes=1`` (it chose it under ``max_passes=1``)."""
         self.planned_budget = self.options.budget  # the result still reports it
+        rank = cfg.low_rank()[0]
         self.options = replace(
-            self.options, passes=1, budget=None, max_error=None, rank=rank, corange_size=None
+            self.options,
+            method=cfg.method,  # "auto" chose it
+            passes=1,
+            budget=None,
+            max_error=None,
+            rank=rank,
+            corange_size=None,
         )
         check_corange_size(None, rank, self.matrix.shape[0])
 

@@ -137,12 +137,12 @@ class CompressionResult:
     bits_per_entry, estimated_rel_error), as :func:`lplr_dask.core.planner.plan` measured
     them."""
     reused_stages: list = field(default_factory=list)
+    """Stages a resumed job took from an earlier run (see :mod:`lplr_dask.core.job`)."""
     plan: dict = field(default_factory=dict)
     """With ``budget`` or ``max_error``: what the planner chose and how (method family,
     estimate, candidates scored and pruned, its sketch rank and passes); with ``max_error``
     also ``stepped_up`` (the first run's exact error missed E, so the next frontier point
     was run: ``first_rel_fro_error``, ``first_bits_per_entry``)."""
-    """Stages a resumed job took from an earlier run (see :mod:`lplr_dask.core.job`)."""
     passes: int = 2
     """Passes over A of the factorization (``verify`` adds one)."""
     error_is_estimate: bool = False
@@ -196,7 +196,9 @@ class CompressionOptions:
 
     Parameters
     ----------
-    method : {"lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr", "auto"}, default "lplr"
+    method : {"lplr", "paper", "nq", "dsvd", "lplr-svd", "nq+lplr", "auto"}, optional
+        Default ``"auto"`` with ``budget`` or ``max_error`` (the planner weighs every method
+        within ``max_passes``), ``"lplr"`` with ``rank``.
         ``lplr``: orthonormalized sketch, quantized basis (per-column scales), projection
         re-quantized per column panel. ``paper``: Algorithm 1 of the paper with its reference
         quantizer (no QR, per-matrix min–max). ``nq``: A quantized directly. ``dsvd``: the
@@ -269,7 +271,7 @@ class CompressionOptions:
         (:func:`lplr_dask.core.planner.default_max_passes`).
     """
 
-    method: str = "lplr"
+    method: str | None = None
     rank: int | None = None
     budget: float | None = None
     bits_left: int | None = None
@@ -289,6 +291,9 @@ class CompressionOptions:
     max_passes: int | None = None
 
     def __post_init__(self):
+        if self.method is None:
+            chosen = self.budget is not None or self.max_error is not None
+            object.__setattr__(self, "method", "auto" if chosen else "lplr")
         method = self.method
         if method not in METHODS:
             raise ParameterError(f"method={method!r} is unknown; use one of {', '.join(METHODS)}.")
@@ -318,9 +323,9 @@ class CompressionOptions:
             pass
         elif method == "auto":
             raise ParameterError(
-                "method='auto' chooses among lplr, nq+lplr and nq by their measured errors "
-                "under a budget: give --budget BITS_PER_ENTRY (budget=...) or --max-error E "
-                "instead of a rank."
+                "method='auto' chooses the method, rank and bit widths by their estimated "
+                "errors: give --budget BITS_PER_ENTRY (budget=...) or --max-error E instead "
+                "of a rank."
             )
         elif method == "nq" and self.rank is not None:
             raise ParameterError("method='nq' quantizes A directly and takes no rank; drop --rank.")
@@ -506,6 +511,7 @@ def _factor_spec(opts, factor: str, bits: int, granularity: str, group, rounding
 
 def _resolve(opts: CompressionOptions, shape, block_shape) -> CompressionConfig:
     method, rank, rounding = opts.method, opts.rank, opts.rounding
+    assert method is not None  # set by __post_init__
     if opts.budget is not None or opts.max_error is not None:
         raise ParameterError(
             "a budget or max_error is resolved by the planner (lplr_dask.core.planner.plan), "

@@ -1350,6 +1350,7 @@ def replace_bits(planner: _Planner, fam: _Family, bits: int) -> CompressionConfi
 
 def _families(options: CompressionOptions, shape, nbytes, budgets) -> list[_Family]:
     method, q_opt = options.method, options.n_power_iter
+    assert method is not None  # set by CompressionOptions.__post_init__
     max_passes = options.max_passes
     if max_passes is None:
         max_passes = default_max_passes(nbytes)

@@ -11,6 +11,7 @@ import zarr
 from conftest import group_digest, known_spectrum, write_zarr
 
 from lplr_dask import (
+    CompressionOptions,
     InputError,
     NonFiniteInputError,
     OutputExistsError,
@@ -291,8 +292,9 @@ def test_auto_is_the_best_method_on_its_sample(tmp_path, decaying, kind, budget)
     rng = np.random.default_rng(0)
     a = decaying if kind == "low-rank" else rng.standard_normal((1200, 700)).astype(np.float32)
     src = write_zarr(tmp_path / "A.zarr", a, (300, 256))
-    res = compress(src, tmp_path / "auto.zarr", method="auto", budget=budget)
+    res = compress(src, tmp_path / "auto.zarr", budget=budget)  # no method: auto
     assert res.bits_per_entry <= budget
+    assert 1 < len({r["method"] for r in res.budget_search})
     assert {r["method"] for r in res.budget_search} <= set(FAMILIES)
     best = min(r["estimated_rel_error"] for r in res.budget_search)
     chosen = [r for r in res.budget_search if r["method"] == res.method]
@@ -313,6 +315,25 @@ def test_auto_is_the_best_method_on_its_sample(tmp_path, decaying, kind, budget)
 def test_auto_needs_a_budget(tmp_path, decaying_zarr):
     with pytest.raises(ValueError, match=r"method='auto' chooses .* give --budget"):
         compress(decaying_zarr, tmp_path / "o.zarr", method="auto", rank=8)
+
+
+@pytest.mark.parametrize(
+    "kw, method",
+    [
+        (dict(budget=1.0), "auto"),
+        (dict(max_error=0.1), "auto"),
+        (dict(rank=8), "lplr"),
+        (dict(budget=1.0, method="lplr"), "lplr"),
+        (dict(method="nq"), "nq"),
+    ],
+)
+def test_the_default_method_follows_what_is_given(kw, method):
+    """Under a budget or an error target the planner also chooses the method (auto); with a
+    rank the default is lplr; a method given is kept, and the resolved method round-trips
+    through the options' dictionary (the job's record)."""
+    opts = CompressionOptions(**kw)
+    assert opts.method == method
+    assert CompressionOptions.from_dict(opts.to_dict()) == opts
 
 
 def test_device_is_checked(tmp_path, decaying_zarr):
