@@ -35,7 +35,7 @@ CASES = {
     "dsvd": dict(method="dsvd", rank=12),
     "lplr-svd": dict(method="lplr-svd", rank=12, n_oversamples=5),
     "power": dict(rank=16, n_power_iter=1),
-    "budget": dict(budget=1.5),
+    "budget": dict(method="lplr", budget=1.5),
     "auto": dict(method="auto", budget=2.0),
     "blocks": dict(rank=24, block_shape=(512, 256)),
 }

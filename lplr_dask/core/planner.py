@@ -703,6 +703,7 @@ class _Planner:
         self.cache: dict = {}  # configs, ranks, sample norms, quantizer errors
         self.curve: list[Point] = []
         self.pruned: list = []
+        self.best_at: dict = {}  # budget -> the lowest exact error scored there by any family
         self.passes = 0
         self.capped = False
         itemsize = 8
@@ -1148,9 +1149,21 @@ class _Planner:
             for kr in kinds(br)
         ]
 
-    def search_budget(self, fam: _Family, b: float, exhaustive: bool = False) -> Point | None:
+    def search_budget(
+        self, fam: _Family, b: float, exhaustive: bool = False, across: bool = False
+    ) -> Point | None:
         """The best candidate of ``fam`` within ``b`` (screened over the pairs (B, B′) and
-        the kinds of L and R; every pair with ``exhaustive``)."""
+        the kinds of L and R; every pair with ``exhaustive``). With ``across`` (auto's budget
+        searches) the screen stops at the best exact error of every family searched at b so
+        far: a pair that cannot beat another family's point is not scored, and the point
+        returned is then the best of those scored, not necessarily the family's best."""
+        bound = self.best_at.get(b, math.inf) if across and not exhaustive else math.inf
+        point = self._search_budget(fam, b, exhaustive, bound)
+        if across and point is not None:
+            self.best_at[b] = min(bound, point.estimated_rel_error)
+        return point
+
+    def _search_budget(self, fam: _Family, b: float, exhaustive: bool, bound: float):
         if fam.method == "nq":
             bits = (fam.bits_matrix,) if fam.bits_matrix else (16, *BIT_CHOICES[::-1])
             fits = [x for x in bits if replace_bits(self, fam, x).bits_per_entry(self.shape) <= b]
@@ -1177,12 +1190,12 @@ class _Planner:
             return [p for p in pairs if pairs[p] + extra <= span or span >= self.k_limit]
 
         inside = covered()
-        best = self._screened(fam, inside, cand, span, exhaustive)
+        best = self._screened(fam, inside, cand, span, exhaustive, bound)
         # Pairs beyond the span: pruned by the screen's optimistic estimate at their own
         # rank, or the sketch is extended and they join the search.
         beyond = [p for p in pairs if p not in inside]
         if beyond:
-            found = self.scored[(fam, *cand(best))].estimated_rel_error
+            found = min(bound, self.scored[(fam, *cand(best))].estimated_rel_error)
             est = self.modelled(fam, [(pairs[p], *p) for p in beyond], span)
             ratio = self._calibration(fam, inside, cand, span)
             live = []
@@ -1208,7 +1221,7 @@ class _Planner:
                 self.capped |= span < want
                 self.ensure(span, [op])
                 inside = covered()
-                best = self._screened(fam, inside, cand, span, exhaustive)
+                best = self._screened(fam, inside, cand, span, exhaustive, bound)
         self.centre[fam] = best[:2]
         return self.scored[(fam, *cand(best))]
 
@@ -1248,10 +1261,11 @@ class _Planner:
         ratios = [self._err(fam, c) / est[c] for c in done if est[c] > 0]
         return min([1.0, *ratios])
 
-    def _screened(self, fam, pairs, cand, span, exhaustive):
+    def _screened(self, fam, pairs, cand, span, exhaustive, bound=math.inf):
         """The best of ``pairs`` (all within the sketch): score them in the order of the
         screen's estimate, :data:`SCREEN_ROUND` at a time, until no unscored pair's
-        calibrated estimate is below the best exact error (every pair with ``exhaustive``)."""
+        calibrated estimate is below the best exact error, this family's or ``bound`` (every
+        pair with ``exhaustive``)."""
         if exhaustive:
             self.score(fam, [cand(p) for p in pairs])
         else:
@@ -1260,7 +1274,7 @@ class _Planner:
             self.score(fam, [cand(p) for p in order[:SCREEN_ROUND]])
             while True:
                 done = [p for p in order if (fam, *cand(p)) in self.scored]
-                found = min(self._err(fam, cand(p)) for p in done)
+                found = min(bound, *(self._err(fam, cand(p)) for p in done))
                 ratio = self._calibration(fam, pairs, cand, span)
                 nxt = [p for p in order if p not in done and est[cand(p)] * ratio < found]
                 if not nxt:
@@ -1514,7 +1528,11 @@ def plan(
         except ParameterError:
             continue
     pl.ensure(cover, list(dict.fromkeys(ops)))
-    searches = [functools.partial(pl.search_budget, b=b, exhaustive=exhaustive) for b in budgets]
+    across = len(fams) > 1  # auto: a family stops at the best point of those searched before
+    searches = [
+        functools.partial(pl.search_budget, b=b, exhaustive=exhaustive, across=across)
+        for b in budgets
+    ]
     if options.max_error is not None:
         searches.append(functools.partial(pl.search_error, max_error=options.max_error, b0=1.0))
     for search in searches:
