@@ -64,7 +64,9 @@ def main(argv=None) -> int:
     ap.add_argument("--workdir", default="/tmp/lplr-planner")
     ap.add_argument("--n", type=int, default=12288)
     ap.add_argument("--budget", type=float, default=1.0)
-    ap.add_argument("--errors", default="0.06,0.1", help="max_error targets: lrn, slow")
+    ap.add_argument(
+        "--errors", default="0.06,0.1", help="max_error targets: lrn, slow ('' for none)"
+    )
     ap.add_argument("--demo", action="store_true", help="also run `lplr demo --json`")
     ap.add_argument("--method", default="lplr", help="the method of the planned runs")
     ap.add_argument(
@@ -142,9 +144,8 @@ def main(argv=None) -> int:
         print(f"stages, --budget: {res_b.stage_seconds}")
         print(f"stages, given:    {res_d.stage_seconds}")
         rows = []
-        for src, target in zip(
-            (lrn, slow), (float(e) for e in args.errors.split(",")), strict=True
-        ):
+        targets = [float(e) for e in args.errors.split(",")] if args.errors else []
+        for src, target in zip((lrn, slow)[: len(targets)], targets, strict=True):
             res_e, t_e = _run(src, work / "maxerr.zarr", method=args.method, max_error=target)
             res_l, _ = _run(
                 src, work / "less.zarr", method=args.method, budget=0.9 * res_e.bits_per_entry

@@ -75,8 +75,8 @@ OPTION_FLAGS = {
     "bits_matrix": dict(type=int, metavar="B_NQ", help="bits per entry of Q(A): nq, nq+lplr"),
     "method": dict(
         choices=METHODS,
-        help="default: auto with --budget or --max-error (the best of every method within "
-        "--max-passes, scored on a column sample), lplr with --rank",
+        help="default: auto with --budget (the best of every method within --max-passes, "
+        "scored on a column sample), lplr with --rank or --max-error",
     ),
     "seed": dict(type=int),
     "group_size": dict(

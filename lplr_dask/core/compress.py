@@ -40,8 +40,8 @@ def compress(
         place when complete.
     options : CompressionOptions, optional
         The method and its parameters (:class:`~lplr_dask.core.params.CompressionOptions`,
-        where each is described): ``method`` (default ``"auto"`` with ``budget`` or
-        ``max_error``, ``"lplr"`` with ``rank``), ``rank`` (m), ``budget``
+        where each is described): ``method`` (default ``"auto"`` with ``budget``,
+        ``"lplr"`` otherwise), ``rank`` (m), ``budget``
         (bits per entry), ``bits_left`` (B), ``bits_right`` (B′), ``bits_matrix`` (B_nq),
         ``group_size`` (128), ``n_oversamples`` (0), ``n_power_iter``, ``seed`` (0),
         ``rounding`` (``"nearest"``), ``block_shape``, ``max_error`` (E: the fewest bits

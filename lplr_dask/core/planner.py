@@ -1519,9 +1519,14 @@ def plan(
     pl = _Planner(matrix, options, stages, sample_cols)
     if options.max_rank is not None:
         pl.k_limit = min(pl.k_limit, options.max_rank)
-    # One pass for every operand at the widest budget's cover (nq+lplr's residuals included).
+    # One pass for every operand at the widest budget's cover (nq+lplr's residuals included;
+    # nq needs no sketch, nor, under budgets alone, a family with no candidate within them).
     ops, cover = [None], 1
     for fam in fams:
+        if fam.method == "nq" or (
+            options.max_error is None and not any(pl.ranks(fam, b) for b in budgets)
+        ):
+            continue
         try:
             ops.append(pl.operand(fam))
             cover = max(cover, *(pl.cover(fam, b) for b in budgets or (1.0,)))
