@@ -155,8 +155,13 @@ def test_max_error_is_met_and_ninety_percent_of_its_bits_is_not(tmp_path, slow_d
     target = 0.05
     res = compress(slow_decay, tmp_path / "e.zarr", max_error=target, block_shape=BLOCK)
     assert res.rel_fro_error <= target
+    assert res.method == "lplr"  # the default under max_error; under a budget it is auto
     less = compress(
-        slow_decay, tmp_path / "l.zarr", budget=0.9 * res.bits_per_entry, block_shape=BLOCK
+        slow_decay,
+        tmp_path / "l.zarr",
+        method="lplr",
+        budget=0.9 * res.bits_per_entry,
+        block_shape=BLOCK,
     )
     assert less.rel_fro_error > target
 
