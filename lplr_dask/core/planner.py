@@ -160,8 +160,14 @@ entry). The exact scores use the whole sample."""
 SCREEN_COLS = 512
 """Sampled columns on which the screen measures what each right quantizer costs."""
 SMALL_ENTRIES = 1 << 22
-"""Matrices up to this many entries (16 MiB in float32: most of a checkpoint's tensors) get a sketch
-wide enough for every pair at once."""
+"""Matrices up to this many entries (16 MiB in float32: most of a checkpoint's tensors) get a
+sketch wide enough for every pair at once (for ``auto`` only up to :data:`AUTO_EVERY_WIDTH`)."""
+AUTO_EVERY_WIDTH = 512
+"""``auto`` sketches every pair at once only when min(n, d) is at most this: its power
+iterations, bases and screens of several operands grow with the width (2048² at 4 bits: 63.5 s
+with every pair's 2047 columns, 17.8 s with those within a bit of the widest, 1147 columns after
+one extension; the same choice), while on MiniLM's 384-wide weights the narrower cover cost
+nothing and chose worse by up to 1 % (the screen's model pruned the best pair)."""
 SCREEN_ROUND = 1
 """Candidates scored exactly per round of the screened search."""
 COVER_BITS = 1
@@ -1234,14 +1240,17 @@ class _Planner:
     def cover(self, fam, b) -> int:
         """The sketch columns that the pairs within :data:`COVER_BITS` of the widest (or of
         the family's last best pair) need at budget b (every pair's on a matrix of at most
-        :data:`SMALL_ENTRIES` entries: there a wider sketch costs less than a second pass)."""
+        :data:`SMALL_ENTRIES` entries: there a wider sketch costs less than a second pass;
+        for ``auto`` only up to :data:`AUTO_EVERY_WIDTH` columns)."""
         if fam.method == "nq":
             return 1
         pairs = self.pairs(fam)
         # around the best pair of this family's last search (max_error's doubling and
         # bisection, a curve's budgets), else the widest
         cl, cr = self.centre.get(fam) or (max(p[0] for p in pairs), max(p[1] for p in pairs))
-        every = self.shape[0] * self.shape[1] <= SMALL_ENTRIES
+        every = self.shape[0] * self.shape[1] <= SMALL_ENTRIES and (
+            self.options.method != "auto" or min(self.shape) <= AUTO_EVERY_WIDTH
+        )
         ranks = [
             m
             for p, m in self.ranks(fam, b).items()

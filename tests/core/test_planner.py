@@ -186,6 +186,9 @@ def test_auto_is_never_worse_than_a_single_method_on_estimates(slow_decay):
         assert best <= single.best(2.0).estimated_rel_error * (1 + 1e-6), method
     lplr_power = [pt for pt in auto.curve if pt.method == "lplr+power"]
     assert len(auto.curve) - len(lplr_power) < alone
+    # 1200 × 700 is "small" (every pair in the first pass) for one method, not for auto
+    # (wider than AUTO_EVERY_WIDTH): its sketch covers the pairs near the widest.
+    assert auto.sketch_rank < plan(m, _opts(budget=2.0)).sketch_rank == 699
 
 
 @pytest.mark.slow  # about a minute on 2 busy cores
