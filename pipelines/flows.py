@@ -210,8 +210,9 @@ def compress_matrix(
     ----------
     source, output : str
         INPUT and OUTPUT of ``lplr compress``.
-    compression : CompressionOptions
-        method, rank or budget, bits, seed, ... (:class:`lplr_dask.CompressionOptions`).
+    compression : CompressionOptions, default ``CompressionOptions(budget=1.0)``
+        method, rank or budget, bits, seed, ... (:class:`lplr_dask.CompressionOptions`; with
+        a budget and no method, ``auto``).
     cluster : ClusterConfig
         A new local cluster (default), a LocalCUDACluster, or a scheduler address; and where
         the tiles are computed (``device``: the GPU on a LocalCUDACluster).
