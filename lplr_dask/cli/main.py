@@ -42,9 +42,12 @@ def _summary_lines(r: dict) -> list[str]:
     kinds = (r.get("plan") or {}).get("quantizers")
     if kinds:  # what the planner chose for each factor
         bits += " (" + ", ".join(f"{k} {v}" for k, v in kinds.items()) + ")"
+    if r.get("n_power_iter"):
+        bits += f", {r['n_power_iter']} power iterations"
     stages = ", ".join(f"{k} {v:.2f}" for k, v in r["stage_seconds"].items())
+    label = (r.get("plan") or {}).get("method") or r["method"]  # the planner's family
     return [
-        f"{r['method']}: {r['shape'][0]}×{r['shape'][1]} → rank {r.get('rank')} {bits}",
+        f"{label}: {r['shape'][0]}×{r['shape'][1]} → rank {r.get('rank')} {bits}",
         f"  relative Frobenius error {r['rel_fro_error']:.6f}{_error_note(r)}",
         f"  {r['bits_per_entry']:.4f} bits per entry, {r['stored_bytes']:,} bytes stored",
         f"  {r['seconds']:.2f} s ({stages})",

@@ -82,6 +82,22 @@ def test_compress_info_error_decompress(tmp_path, capsys, decaying_zarr, decayin
     assert err == pytest.approx(record["rel_fro_error"], rel=1e-3)
 
 
+def test_budget_summary_names_the_family_auto_chose(tmp_path, capsys, decaying_zarr, address):
+    """With --budget and no --method the planner chooses the method (auto); the summary's
+    first line names the family it ran (``lplr+power`` rather than ``lplr``), as stored."""
+    out = tmp_path / "b.zarr"
+    code, stdout, _ = run(
+        capsys, "compress", decaying_zarr, out, "--budget", 2, "--cluster", address
+    )
+    assert code == 0
+    code, info, _ = run(capsys, "info", out, "--json")
+    chosen = json.loads(info.strip().splitlines()[-1])["plan"]["method"]
+    assert stdout.startswith(f"{chosen}: 1200×700 → rank ")
+    assert ("power iterations" in stdout.splitlines()[0]) == (
+        chosen == "lplr+power" or "svd" in chosen
+    )
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [
