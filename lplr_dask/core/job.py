@@ -862,7 +862,7 @@ class CompressionJob:
             budget_search=self.records["plan"].values["budget_search"],
             plan=self.records["plan"].values.get("plan", {}),
             reused_stages=[k for k, rec in self.records.items() if rec.reused],
-            passes=self.options.passes,
+            passes=self._method_passes(cfg),
             error_is_estimate=bool(checked.get("error_is_estimate", False)),
             estimated_rel_fro_error=checked.get("estimated_rel_fro_error"),
             error_method=(
@@ -874,6 +874,18 @@ class CompressionJob:
                 "estimated_rel_fro_error is the single-pass estimate"
             ),
         )
+
+    def _method_passes(self, cfg: CompressionConfig) -> int:
+        """Passes over A of the configuration run (the planner's own are ``plan_passes``):
+        1 with ``passes=1``; else :func:`~lplr_dask.core.planner.family_passes` (2 for
+        ``lplr``, + 2 per power iteration, ...) and 1 for the truncation of an oversampled
+        ``lplr`` or ``paper`` sketch."""
+        from lplr_dask.core.planner import family_passes
+
+        if self.options.passes == 1:
+            return 1
+        oversampled = cfg.method in ("lplr", "paper") and cfg.n_oversamples > 0
+        return family_passes(cfg.method, cfg.n_power_iter) + oversampled
 
     def _metadata(self, result: CompressionResult) -> dict:
         cfg = self.config

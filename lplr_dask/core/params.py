@@ -144,7 +144,9 @@ class CompressionResult:
     also ``stepped_up`` (the first run's exact error missed E, so the next frontier point
     was run: ``first_rel_fro_error``, ``first_bits_per_entry``)."""
     passes: int = 2
-    """Passes over A of the factorization (``verify`` adds one)."""
+    """Passes over A of the factorization: ``lplr`` 2, + 2 per power iteration, ``nq`` 1,
+    ``dsvd``/``lplr-svd``/``nq+lplr`` 3 + 2 per power iteration, 1 with ``passes=1``
+    (``verify`` adds one; a budget's planning passes are ``plan["plan_passes"]``)."""
     error_is_estimate: bool = False
     """True when ``rel_fro_error`` is the single-pass estimate (``passes=1`` without
     ``verify``); False when it is exact."""

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import threading
 from pathlib import Path
 
+import dask
+import dask.array as da
 import numpy as np
 import pytest
 import zarr
@@ -315,6 +318,43 @@ def test_auto_is_the_best_method_on_its_sample(tmp_path, decaying, kind, budget)
 def test_auto_needs_a_budget(tmp_path, decaying_zarr):
     with pytest.raises(ValueError, match=r"method='auto' chooses .* give --budget"):
         compress(decaying_zarr, tmp_path / "o.zarr", method="auto", rank=8)
+
+
+@pytest.mark.parametrize(
+    "kw, passes",
+    [
+        (dict(rank=8), 2),
+        (dict(rank=8, n_power_iter=1), 4),
+        (dict(rank=8, n_oversamples=4), 3),
+        (dict(method="paper", rank=8), 2),
+        (dict(method="nq", bits_matrix=4), 1),
+        (dict(method="nq+lplr", rank=8, bits_matrix=2), 3),
+        (dict(method="dsvd", rank=8, n_power_iter=1), 5),
+        (dict(method="lplr-svd", rank=8), 7),
+    ],
+    ids=["lplr", "power", "oversampled", "paper", "nq", "nq+lplr", "dsvd", "lplr-svd"],
+)
+def test_reported_passes_are_the_reads_of_a(tmp_path, decaying, kw, passes):
+    """``passes`` in the result counts the reads of A that the run made: every block of a
+    Dask-array input is computed exactly that many times (nq's lloyd codebook also reads a
+    sample of A, less than one more pass)."""
+    lock, calls = threading.Lock(), [0]
+
+    def block(x):
+        with lock:
+            calls[0] += 1
+        return x.copy()
+
+    meta = np.empty((0, 0), decaying.dtype)  # no call to infer it
+    src = da.from_array(decaying, chunks=(300, 256)).map_blocks(block, meta=meta)
+    with dask.config.set(scheduler="threads"):
+        res = compress(src, tmp_path / "o.zarr", block_shape=(300, 256), **kw)
+    blocks = src.npartitions
+    assert res.passes == passes
+    if kw.get("method") == "nq":
+        assert passes * blocks <= calls[0] < (passes + 1) * blocks
+    else:
+        assert calls[0] == passes * blocks
 
 
 @pytest.mark.parametrize(
