@@ -10,6 +10,7 @@ import dask
 from lplr_dask.errors import ParameterError
 
 __all__ = [
+    "DEVICE_SETTINGS",
     "KEEP_MALLOC_DEFAULTS",
     "NANNY_KEEP_MALLOC_ENV",
     "READ_AHEAD_THREADS",
@@ -45,13 +46,20 @@ command runs, merges into Dask's ``distributed.nanny.pre-spawn-environ`` and uns
 ``MALLOC_TRIM_THRESHOLD_`` (the nannies still set ``OMP_NUM_THREADS=1`` and the like)."""
 
 
+DEVICE_SETTINGS = ("auto", "cpu", "gpu")
+"""Where A's tiles are computed, as the CLI's ``--device`` and a flow's ``cluster.device``
+take it (``auto``: see :func:`compute_device`)."""
+
+
 def compute_device(device: str, cluster: str) -> str:
     """The ``device`` of :func:`lplr_dask.compress` for a ``device`` setting (``"auto"``,
     ``"cpu"``, ``"gpu"``) on ``cluster`` (as :func:`dask_client` takes it): ``"auto"`` is the
     GPU on a LocalCUDACluster (``"cuda"``) and the CPU elsewhere (a scheduler address may have
     either kind of worker: say ``"gpu"`` for ``dask cuda worker`` processes)."""
-    if device not in ("auto", "cpu", "gpu"):
-        raise ParameterError(f"device={device!r} is unknown; use auto, cpu or gpu.")
+    if device not in DEVICE_SETTINGS:
+        raise ParameterError(
+            f"device={device!r} is unknown; use one of {', '.join(DEVICE_SETTINGS)}."
+        )
     if device != "auto":
         return device
     return "gpu" if cluster == "cuda" else "cpu"

@@ -32,6 +32,7 @@ import typing
 from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 
+from lplr_dask.cluster import DEVICE_SETTINGS, compute_device
 from lplr_dask.core.params import CompressionOptions
 from lplr_dask.errors import ConfigError, ParameterError
 
@@ -93,8 +94,11 @@ class ClusterConfig:
     def __post_init__(self):
         if self.kind not in ("local", "cuda", "address"):
             raise ConfigError(f"cluster.kind={self.kind!r} is unknown; use local, cuda or address.")
-        if self.device not in ("auto", "cpu", "gpu"):
-            raise ConfigError(f"cluster.device={self.device!r} is unknown; use auto, cpu or gpu.")
+        if self.device not in DEVICE_SETTINGS:
+            raise ConfigError(
+                f"cluster.device={self.device!r} is unknown; use one of "
+                f"{', '.join(DEVICE_SETTINGS)}."
+            )
         if (self.kind == "address") != (self.address is not None):
             raise ConfigError(
                 "cluster.address is required with cluster.kind: address (tcp://HOST:8786), "
@@ -108,8 +112,6 @@ class ClusterConfig:
     @property
     def compute_device(self) -> str:
         """``device`` with ``auto`` resolved (:func:`lplr_dask.cluster.compute_device`)."""
-        from lplr_dask.cluster import compute_device
-
         return compute_device(self.device, self.kind)
 
     @property

@@ -10,6 +10,7 @@ import json
 import logging
 import sys
 
+from lplr_dask.cluster import DEVICE_SETTINGS, compute_device
 from lplr_dask.errors import LPLRError
 
 __all__ = [
@@ -92,7 +93,7 @@ def device_arg(p) -> None:
     """Add ``--device`` (where A's tiles are computed) to the subparser ``p``."""
     p.add_argument(
         "--device",
-        choices=("auto", "cpu", "gpu"),
+        choices=DEVICE_SETTINGS,
         default="auto",
         help="where A's tiles are computed: 'gpu' copies them to the GPU as they are read "
         "(CuPy; GPU extra); 'auto' (default) is 'gpu' with --cluster cuda, else 'cpu'",
@@ -101,8 +102,6 @@ def device_arg(p) -> None:
 
 def device_of(args) -> str:
     """``--device``, with ``auto`` resolved by ``--cluster``."""
-    from lplr_dask.cluster import compute_device
-
     return compute_device(args.device, args.cluster)
 
 

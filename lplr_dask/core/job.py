@@ -876,16 +876,16 @@ class CompressionJob:
         )
 
     def _method_passes(self, cfg: CompressionConfig) -> int:
-        """Passes over A of the configuration run (the planner's own are ``plan_passes``):
-        1 with ``passes=1``; else :func:`~lplr_dask.core.planner.family_passes` (2 for
-        ``lplr``, + 2 per power iteration, ...) and 1 for the truncation of an oversampled
-        ``lplr`` or ``paper`` sketch."""
+        """Passes over A of the configuration run (the planner's own are ``plan_passes``),
+        as :func:`~lplr_dask.core.planner.family_passes` counts them."""
         from lplr_dask.core.planner import family_passes
 
-        if self.options.passes == 1:
-            return 1
-        oversampled = cfg.method in ("lplr", "paper") and cfg.n_oversamples > 0
-        return family_passes(cfg.method, cfg.n_power_iter) + oversampled
+        return family_passes(
+            cfg.method,
+            cfg.n_power_iter,
+            single_pass=self.options.passes == 1,
+            n_oversamples=cfg.n_oversamples,
+        )
 
     def _metadata(self, result: CompressionResult) -> dict:
         cfg = self.config

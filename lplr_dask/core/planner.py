@@ -182,10 +182,13 @@ FAMILIES = ("lplr", "lplr+power", "dsvd", "lplr-svd", "nq", "nq+lplr")
 """What ``method="auto"`` considers (``paper`` only when asked for by name)."""
 
 
-def family_passes(family: str, n_power_iter: int = 0, *, single_pass: bool = False) -> int:
+def family_passes(
+    family: str, n_power_iter: int = 0, *, single_pass: bool = False, n_oversamples: int = 0
+) -> int:
     """Passes over A of a compression of ``family`` (the plan's shared sketch counted as the
     sketch pass it replaces): lplr and paper 2 (1 single-pass), + 2 per power iteration,
-    dsvd and lplr-svd 3 + 2 per power iteration, nq 1, nq+lplr 3."""
+    + 1 for the truncation of an oversampled sketch, dsvd and lplr-svd 3 + 2 per power
+    iteration (their oversampling is part of the truncation), nq 1, nq+lplr 3."""
     q = int(n_power_iter or 0)
     if family == "nq":
         return 1
@@ -193,7 +196,7 @@ def family_passes(family: str, n_power_iter: int = 0, *, single_pass: bool = Fal
         return 3 + 2 * q
     if family in ("dsvd", "lplr-svd"):
         return 3 + 2 * q
-    return 1 if single_pass else 2 + 2 * q
+    return 1 if single_pass else 2 + 2 * q + (n_oversamples > 0)
 
 
 def default_max_passes(nbytes: int) -> int | None:
